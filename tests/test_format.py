@@ -1,0 +1,176 @@
+"""The .safetensors PaRa format: round-trips, validation of every bad input, atomic writes."""
+import json
+import os
+import pickle
+import struct
+
+import pytest
+import torch
+from conftest import orth64
+
+from para_core import ParaError, ParaFormatError, ParaModel, match_modules, merge
+from para_core import safetensors_io
+from para_core.format import stage_key
+
+
+def _model(gen, modules=("diffusion_model.a.to_q", "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"), r=3):
+    return ParaModel.from_bases({m: [orth64(16, r, gen).float()] for m in modules}, {"base_model": "sd15"})
+
+
+def test_keys_metadata_and_dtype(gen):
+    p = _model(gen)
+    assert sorted(p.tensors) == ["diffusion_model.a.to_q.para_q",
+                                 "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.para_q"]
+    assert all(t.dtype == torch.float16 and t.shape == (16, 3) for t in p.tensors.values())
+    assert p.metadata["format"] == "para" and p.metadata["para_version"] == "1"
+    assert p.metadata["rank"] == "3" and p.metadata["stages"] == "1" and p.metadata["base_model"] == "sd15"
+
+
+def test_byte_exact_round_trip(tmp_path, gen):
+    p = _model(gen)
+    f1, f2 = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    p.save(str(f1))
+    q = ParaModel.load(str(f1))
+    q.save(str(f2))
+    assert f1.read_bytes() == f2.read_bytes() == p.to_bytes()
+    # and the bases the loader derives are identical to the writer's
+    for m in p.stages:
+        assert torch.equal(p.stages[m][0], q.stages[m][0])
+
+
+def test_file_is_readable_by_the_safetensors_library(tmp_path, gen):
+    from safetensors.torch import load_file
+    from safetensors import safe_open
+    p = _model(gen)
+    path = tmp_path / "x.safetensors"
+    p.save(str(path))
+    sd = load_file(str(path))
+    assert all(torch.equal(sd[k], p.tensors[k]) for k in p.tensors)
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["format"] == "para"
+
+
+def test_sequential_merge_round_trips_as_stages(tmp_path, gen):
+    a, b = _model(gen, r=2), _model(gen, r=3)
+    m = merge([a, b], "sequential")
+    path = tmp_path / "m.safetensors"
+    m.save(str(path))
+    back = ParaModel.load(str(path))
+    assert set(back.tensors) == {stage_key(mod, s) for mod in a.stages for s in (0, 1)}
+    assert back.metadata["stages"] == "2" and back.metadata["merge_mode"] == "sequential"
+    for mod in m.stages:
+        assert [q.shape[1] for q in back.stages[mod]] == [2, 3]
+        assert all(torch.equal(x, y) for x, y in zip(back.stages[mod], m.stages[mod]))
+
+
+def test_raw_b_is_orthonormalised(gen):
+    b = torch.randn(20, 4, generator=gen)
+    p = ParaModel({"diffusion_model.x.para_b": b})
+    q = p.stages["diffusion_model.x"][0]
+    assert torch.allclose(q.T @ q, torch.eye(4), atol=1e-5)
+    assert torch.allclose(q @ (q.T @ b), b, atol=1e-5)
+
+
+def _write_raw(path, tensors, metadata=None):
+    safetensors_io.save_file(tensors, str(path), metadata)
+
+
+@pytest.mark.parametrize("tensors, meta, pattern", [
+    ({"m.para_q": torch.randn(4, 2, 1)}, None, r"key 'm.para_q': expected a 2-D"),
+    ({"m.para_q": torch.randn(2, 3)}, None, r"key 'm.para_q': rank r=3 must be between 1 and out=2"),
+    ({"m.para_q": torch.tensor([[1.0], [float("nan")]])}, None, r"key 'm.para_q': contains NaN"),
+    ({"m.lora_up.weight": torch.randn(4, 2)}, None, r"key 'm.lora_up.weight': unknown suffix.*LoRA"),
+    ({"m.para_x": torch.randn(4, 2)}, None, r"key 'm.para_x': unknown suffix"),
+    ({"m.para_q": torch.zeros(4, 2)}, None, r"key 'm.para_q'.*rank deficient"),
+    ({"m.para_q": torch.ones(4, 2, dtype=torch.int32)}, None, r"key 'm.para_q': dtype"),
+    ({"m.para_q": torch.randn(4, 1), "m.para_q_2": torch.randn(4, 1)}, None, r"module 'm': stages \[0, 2\]"),
+    ({"m.para_q": torch.randn(4, 1), "m.para_b": torch.randn(4, 1)}, None, r"both define stage 0"),
+    ({"m.para_q": torch.randn(4, 1), "m.para_q_1": torch.randn(5, 1)}, None, r"key 'm.para_q_1': shape \(5, 1\)"),
+    ({"m.para_q": torch.randn(4, 1)}, {"format": "lora"}, r"format 'lora'"),
+    ({"m.para_q": torch.randn(4, 1)}, {"para_version": "7"}, r"newer comfyui-para"),
+])
+def test_bad_tensors_are_refused_with_file_and_key(tmp_path, tensors, meta, pattern):
+    path = tmp_path / "bad.safetensors"
+    _write_raw(path, tensors, meta)
+    with pytest.raises(ParaFormatError, match=pattern) as e:
+        ParaModel.load(str(path))
+    assert str(path) in str(e.value)
+
+
+def test_pickle_file_is_refused(tmp_path):
+    path = tmp_path / "evil.safetensors"
+    torch.save({"m.para_q": torch.randn(4, 1)}, str(path))  # zip-based torch pickle
+    with pytest.raises(ParaFormatError, match="pickle"):
+        ParaModel.load(str(path))
+    raw = tmp_path / "raw.safetensors"
+    raw.write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(ParaFormatError, match="pickle"):
+        ParaModel.load(str(raw))
+
+
+def test_truncated_and_garbage_files(tmp_path, gen):
+    good = tmp_path / "g.safetensors"
+    _model(gen).save(str(good))
+    data = good.read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(data[:-10])
+    with pytest.raises(ParaFormatError, match="beyond the file"):
+        ParaModel.load(str(tmp_path / "t.safetensors"))
+    (tmp_path / "s.safetensors").write_bytes(b"abc")
+    with pytest.raises(ParaFormatError, match="not a safetensors file"):
+        ParaModel.load(str(tmp_path / "s.safetensors"))
+    hdr = b"{not json"
+    (tmp_path / "j.safetensors").write_bytes(struct.pack("<Q", len(hdr)) + hdr)
+    with pytest.raises(ParaFormatError, match="unreadable header"):
+        ParaModel.load(str(tmp_path / "j.safetensors"))
+    with pytest.raises(ParaError, match="no such file"):
+        ParaModel.load(str(tmp_path / "missing.safetensors"))
+    empty = tmp_path / "e.safetensors"
+    _write_raw(empty, {})
+    with pytest.raises(ParaFormatError, match="no tensors"):
+        ParaModel.load(str(empty))
+
+
+def test_save_never_overwrites_without_force_and_leaves_no_temp(tmp_path, gen):
+    p = _model(gen)
+    path = tmp_path / "x.safetensors"
+    p.save(str(path))
+    before = path.read_bytes()
+    with pytest.raises(ParaError, match="already exists"):
+        _model(gen).save(str(path))
+    assert path.read_bytes() == before
+    _model(gen).save(str(path), force=True)
+    assert path.read_bytes() != before
+    assert os.listdir(tmp_path) == ["x.safetensors"]
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    path = tmp_path / "out.safetensors"
+
+    def boom(i):
+        raise RuntimeError("producer failed")
+    with pytest.raises(RuntimeError):
+        safetensors_io.write_stream(str(path), [("a", torch.float32, (2,))], boom)
+    assert os.listdir(tmp_path) == []
+
+
+def test_header_is_deterministic_and_sorted(gen):
+    p = _model(gen)
+    raw = p.to_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    assert n % 8 == 0
+    header = json.loads(raw[8:8 + n])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+    assert [k for k in header if k != "__metadata__"] == sorted(p.tensors)
+
+
+def test_match_report_is_one_summary(gen):
+    p = _model(gen, modules=[f"diffusion_model.l{i}" for i in range(6)])
+    dims = {"diffusion_model.l0": 16, "diffusion_model.l1": 16, "diffusion_model.l2": 8, "diffusion_model.l3": 9}
+    rep = match_modules(p, lambda m: (m, dims[m]) if m in dims else None)
+    assert sorted(rep.matched) == ["diffusion_model.l0", "diffusion_model.l1"]
+    assert rep.unmatched == ["diffusion_model.l4", "diffusion_model.l5"]
+    assert [m for m, _, _ in rep.mismatched] == ["diffusion_model.l2", "diffusion_model.l3"]
+    s = rep.summary()
+    assert "2 matched" in s and "2 not in the model" in s and "2 shape mismatches" in s and "(16, 3) vs weight out-dim 8" in s
+    with pytest.raises(ParaError, match="does not fit"):
+        rep.raise_if_bad()
