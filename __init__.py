@@ -1,12 +1,12 @@
 """comfyui-para: the ComfyUI node pack entry point.
 
-ComfyUI imports this folder as a package and calls `comfy_entrypoint`. Anywhere else (pytest, the
-`para` command line, plain `import`), ComfyUI is absent and this file does nothing, so the pure
-`para_core` package stays usable on its own.
+ComfyUI imports this folder as a package (after its own `nodes` module is loaded) and calls
+`comfy_entrypoint`. Anywhere else (pytest, the `para` command line, a plain import) ComfyUI is not the
+host and this file does nothing, so the pure `para_core` package stays usable on its own.
 """
-import importlib.util
+import sys
 
-if __package__ and importlib.util.find_spec("comfy_api") is not None:
+if __package__ and hasattr(sys.modules.get("nodes"), "NODE_CLASS_MAPPINGS"):
     from .nodes import comfy_entrypoint  # noqa: F401
 
     __all__ = ["comfy_entrypoint"]

@@ -25,6 +25,7 @@ import torch
 from . import safetensors_io
 from .errors import ParaError
 from .format import MatchReport, ParaModel, match_modules
+from .lora import chain_factors
 from .projection import apply_stages_
 
 log = logging.getLogger(__name__)
@@ -168,14 +169,7 @@ def export_lora(ckpt_path: str, para: ParaModel, out_path: str, strength: float 
             if sl.rows is not None:
                 w = w.narrow(0, sl.rows[0], sl.rows[1])
             store = w.dtype if w.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
-            w = w.to(torch.float32).contiguous()
-            ups, downs = [], []
-            for q in para.stages[module]:
-                down = q.T @ w.reshape(w.shape[0], -1)
-                ups.append(-strength * q)
-                downs.append(down)
-                w.reshape(w.shape[0], -1).addmm_(q, down, alpha=-strength)
-            up, down = torch.cat(ups, 1), torch.cat(downs, 0)
+            up, down = chain_factors(para.stages[module], w, up_scale=strength, down_scale=1.0, what=f"{ckpt_path}: {sl.key}")
             r = up.shape[1]
             tensors[f"{module}.lora_up.weight"] = up.reshape(up.shape[0], r, *([1] * (w.ndim - 2))).to(store)
             tensors[f"{module}.lora_down.weight"] = down.reshape(r, *w.shape[1:]).to(store)

@@ -190,9 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_grad_enabled(False)
     try:
-        return a.func(a)
+        with torch.no_grad():
+            return a.func(a)
     except (ParaError, OSError) as e:
         if a.debug:
             raise

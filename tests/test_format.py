@@ -6,7 +6,7 @@ import struct
 
 import pytest
 import torch
-from conftest import orth64
+from reference import orth64
 
 from para_core import ParaError, ParaFormatError, ParaModel, match_modules, merge
 from para_core import safetensors_io

@@ -1,7 +1,7 @@
 """para_core math against float64 references: basis, projection, merges, LoRA combination."""
 import pytest
 import torch
-from conftest import orth64, ref_project
+from reference import orth64, ref_project
 
 from para_core import (ParaError, ParaModel, ParaRankError, ParaShapeError, apply_stages_, combine_delta, merge,
                        orthonormal_basis, orthonormality_error, project_out, project_out_, projection_delta, subspace_overlap)
