@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import safetensors_io
-from .basis import orthonormal_basis, orthonormality_error
+from .basis import orthonormal_bases, orthonormality_error
 from .errors import ParaError, ParaFormatError
 
 FORMAT_NAME = "para"
@@ -153,23 +153,25 @@ def _parse_and_validate(tensors: dict[str, torch.Tensor], metadata: dict[str, st
         if stage in slot:
             raise ParaFormatError(f"{source}: keys '{slot[stage][0]}' and '{key}' both define stage {stage} of module '{m['module']}'")
         slot[stage] = (key, m["kind"])
-    stages: dict[str, list[torch.Tensor]] = {}
+    order: list[tuple[str, str]] = []  # (module, key) in chain order
     for module in sorted(found):
         slot = found[module]
         if sorted(slot) != list(range(len(slot))):
             raise ParaFormatError(f"{source}: module '{module}': stages {sorted(slot)} are not 0..{len(slot) - 1} "
                                   f"(first key '{slot[min(slot)][0]}')")
-        chain = []
+        first = tensors[slot[0][0]]
         for i in range(len(slot)):
-            key, _kind = slot[i]
-            t = tensors[key]
-            if chain and t.shape[0] != chain[0].shape[0]:
-                raise ParaFormatError(f"{source}: key '{key}': shape {tuple(t.shape)} does not match stage 0's output dim {chain[0].shape[0]}")
-            try:
-                chain.append(orthonormal_basis(t, torch.float32, what=f"{source}: key '{key}'"))
-            except ParaError as e:
-                raise ParaFormatError(str(e)) from None
-        stages[module] = chain
+            key = slot[i][0]
+            if tensors[key].shape[0] != first.shape[0]:
+                raise ParaFormatError(f"{source}: key '{key}': shape {tuple(tensors[key].shape)} does not match stage 0's output dim {first.shape[0]}")
+            order.append((module, key))
+    try:
+        bases = orthonormal_bases([tensors[k] for _, k in order], [f"{source}: key '{k}'" for _, k in order])
+    except ParaError as e:
+        raise ParaFormatError(str(e)) from None
+    stages: dict[str, list[torch.Tensor]] = {}
+    for (module, _), q in zip(order, bases):
+        stages.setdefault(module, []).append(q)
     return stages
 
 

@@ -265,3 +265,22 @@ def test_combine_conv_lora(gen):
     got = combine_delta(q, w0, up, down, mode="product", compute_dtype=torch.float64)
     ref = ((-q + up.flatten(1)) @ (q.T @ w0.flatten(1) + down.flatten(1))).reshape(w0.shape)
     assert torch.allclose(got, ref, atol=1e-12)
+
+
+def test_batched_bases_equal_single_and_name_the_bad_key(gen):
+    from para_core.basis import orthonormal_bases
+    bs = [torch.randn(32, 4, generator=gen) for _ in range(5)] + [torch.randn(16, 2, generator=gen)]
+    got = orthonormal_bases(bs, [f"k{i}" for i in range(6)])
+    assert all(torch.equal(a, orthonormal_basis(b)) for a, b in zip(got, bs))
+    bs[3] = torch.zeros(32, 4)
+    with pytest.raises(ParaRankError, match="k3"):
+        orthonormal_bases(bs, [f"k{i}" for i in range(6)])
+
+
+def test_union_threshold_merges_only_near_identical_directions(gen):
+    from para_core.basis import span_union
+    e = orth64(16, 2, gen)
+    for deg, rank in ((0.05, 1), (0.5, 1), (3.0, 2), (30.0, 2)):
+        t = torch.tensor(deg * torch.pi / 180, dtype=torch.float64)
+        v = torch.cos(t) * e[:, 0] + torch.sin(t) * e[:, 1]
+        assert span_union([e[:, :1].float(), v[:, None].float()]).shape[1] == rank, deg

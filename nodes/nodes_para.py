@@ -1,0 +1,308 @@
+"""PaRa inference nodes: load, apply, merge, combine with a LoRA, save.
+
+PaRa enters the model as weight patches (see para_adapter.py), the same mechanism as ComfyUI's LoRA
+loader: baked into the weights once when the model loads, undone bit-exactly when it unloads, no cost
+per sampling step.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+
+import folder_paths
+import torch
+from comfy_api.latest import io, ui
+
+import comfy.utils
+
+from ..para_core.errors import ParaError
+from ..para_core.format import ParaModel
+from ..para_core.lora import COMBINE_MODES
+from ..para_core.merge import MERGE_MODES, merge, subspace_overlap
+from . import folders
+from .para_adapter import apply_para, apply_para_lora
+
+log = logging.getLogger(__name__)
+
+folders.register()
+
+Para = io.Custom("PARA")
+CATEGORY = "loaders/para"
+_STRENGTH = dict(default=1.0, min=-10.0, max=10.0, step=0.01)
+
+# ---- file cache --------------------------------------------------------------------------------
+# V3 node classes are locked (no per-instance state), so parsed files live here, keyed by what
+# identifies the file's content: a file fixed or replaced on disk is read again.
+_CACHE: OrderedDict[tuple[str, int, int], ParaModel] = OrderedDict()
+_CACHE_SIZE = 8
+
+
+def _file_id(path: str) -> tuple[str, int, int]:
+    st = os.stat(path)
+    return path, st.st_mtime_ns, st.st_size
+
+
+def load_para_file(name: str) -> ParaModel:
+    """Parse (or reuse) a file of the `para` folder. Raises ValueError with one line naming the file."""
+    path = folder_paths.get_full_path("para", name)
+    if path is None:
+        raise ValueError(f"PaRa file '{name}' not found in the para folders: {', '.join(folder_paths.get_folder_paths('para'))}")
+    key = _file_id(path)
+    para = _CACHE.get(key)
+    if para is not None:
+        _CACHE.move_to_end(key)
+        return para
+    try:
+        para = ParaModel.load(path)
+    except ParaError as e:
+        raise ValueError(str(e)) from None
+    _CACHE[key] = para
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    log.info("PaRa: loaded %s", para)
+    return para
+
+
+def _fingerprint(folder: str, name: str):
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        return name
+    try:
+        return _file_id(path)
+    except OSError:
+        return name
+
+
+def _run(what: str, fn, *args):
+    """Run a patching step; turn the user's-input errors into one ValueError line for ComfyUI's dialog."""
+    try:
+        return fn(*args)
+    except ParaError as e:
+        raise ValueError(f"{what}: {e}") from None
+
+
+# ---- inputs shared by several nodes --------------------------------------------------------------
+def _model_in():
+    return io.Model.Input("model", tooltip="The diffusion model to patch. It is cloned; the input model is left unchanged.")
+
+
+def _clip_in():
+    return io.Clip.Input("clip", optional=True,
+                         tooltip="Optional text encoder. PaRa files that contain text-encoder layers patch it; "
+                                 "leave it unconnected to patch the diffusion model only.")
+
+
+def _strength_inputs():
+    return [
+        io.Float.Input("strength_model", **_STRENGTH,
+                       tooltip="How much of the subspace to remove from the diffusion model: W - s·Q(QᵀW). 1 removes it, "
+                               "0 leaves the model unchanged, above 1 over-subtracts, negative values amplify it."),
+        io.Float.Input("strength_clip", **_STRENGTH,
+                       tooltip="The same for the text-encoder layers of the file (needs a CLIP input)."),
+    ]
+
+
+def _outputs():
+    return [io.Model.Output(display_name="MODEL", tooltip="The patched diffusion model."),
+            io.Clip.Output(display_name="CLIP", tooltip="The patched text encoder (None if no CLIP was connected).")]
+
+
+# ---- nodes -------------------------------------------------------------------------------------
+class PaRaLoader(io.ComfyNode):
+    """Load a PaRa file and patch the model with it (the personalised model of the paper)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PaRaLoader",
+            display_name="Load PaRa",
+            category=CATEGORY,
+            description="Personalise a model with a PaRa file (Parameter Rank Reduction, ICLR 2025): removes a learned "
+                        "low-rank subspace from each patched weight, W - Q(QᵀW). Chaining two loaders applies them in "
+                        "order (the paper's sequential merge); a LoRA loaded after it acts on the PaRa model.",
+            is_experimental=True,
+            inputs=[
+                _model_in(),
+                _clip_in(),
+                io.Combo.Input("para_name", options=folder_paths.get_filename_list("para"),
+                               tooltip="A .safetensors PaRa file from models/para or output/para."),
+                *_strength_inputs(),
+            ],
+            outputs=[*_outputs(), Para.Output(display_name="PARA", tooltip="The loaded PaRa, for Merge PaRa / PaRa + LoRA / Save PaRa.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, para_name, **kwargs):
+        return _fingerprint("para", para_name)
+
+    @classmethod
+    def execute(cls, model, para_name, strength_model, strength_clip, clip=None) -> io.NodeOutput:
+        para = load_para_file(para_name)
+        m, c, text = _run(f"Load PaRa '{para_name}'", apply_para, para, model, clip, strength_model, strength_clip)
+        log.info("PaRa %s: %s", para_name, text)
+        return io.NodeOutput(m, c, para, ui=ui.PreviewText(f"{para_name}: {text}"))
+
+
+class PaRaApply(io.ComfyNode):
+    """Patch a model with a PARA value (from Load PaRa or Merge PaRa)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PaRaApply",
+            display_name="Apply PaRa",
+            category=CATEGORY,
+            description="Patch a model with a PaRa (for example the output of Merge PaRa): W - Q(QᵀW) per layer, "
+                        "stage by stage for a sequential merge.",
+            is_experimental=True,
+            inputs=[
+                _model_in(),
+                _clip_in(),
+                Para.Input("para", tooltip="The PaRa to apply (from Load PaRa or Merge PaRa)."),
+                *_strength_inputs(),
+            ],
+            outputs=_outputs(),
+        )
+
+    @classmethod
+    def execute(cls, model, para, strength_model, strength_clip, clip=None) -> io.NodeOutput:
+        m, c, text = _run(f"Apply PaRa ({para.source})", apply_para, para, model, clip, strength_model, strength_clip)
+        return io.NodeOutput(m, c, ui=ui.PreviewText(text))
+
+
+class PaRaMerge(io.ComfyNode):
+    """Combine two subjects' PaRa into one (multi-subject generation)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PaRaMerge",
+            display_name="Merge PaRa",
+            category=CATEGORY,
+            description="Merge two PaRa. sequential: W1 = W - Q_aQ_aᵀW, then W1 - Q_bQ_bᵀW1 (the paper's merge; order "
+                        "matters). union: remove span([Q_a Q_b]) at once (order-free). They agree when the subspaces "
+                        "are orthogonal; the node shows how much they overlap (principal angles).",
+            is_experimental=True,
+            inputs=[
+                Para.Input("para_a", tooltip="The first PaRa (applied first in sequential mode)."),
+                Para.Input("para_b", tooltip="The second PaRa."),
+                io.Combo.Input("mode", options=list(MERGE_MODES), default="sequential",
+                               tooltip="sequential: apply a, then b to the result (paper). union: project out the union "
+                                       "of both subspaces in one step."),
+            ],
+            outputs=[Para.Output(display_name="PARA", tooltip="The merged PaRa: connect it to Apply PaRa or Save PaRa.")],
+        )
+
+    @classmethod
+    def execute(cls, para_a, para_b, mode) -> io.NodeOutput:
+        try:
+            merged = merge([para_a, para_b], mode, dtype=_storage_dtype(para_a, para_b))
+            overlap = subspace_overlap(para_a, para_b).summary()
+        except ParaError as e:
+            raise ValueError(f"Merge PaRa ({para_a.source} + {para_b.source}): {e}") from None
+        merged.source = f"merge {mode}({para_a.source}, {para_b.source})"
+        return io.NodeOutput(merged, ui=ui.PreviewText(f"{mode}: {merged!r}\n{overlap}"))
+
+
+def _storage_dtype(*paras: ParaModel) -> torch.dtype:
+    """Store the merge as precisely as its inputs: all-fp16 stays fp16 (small files), anything else fp32."""
+    dtypes = {t.dtype for p in paras for t in p.tensors.values()}
+    if len(dtypes) == 1 and dtypes <= {torch.float16, torch.bfloat16}:
+        return dtypes.pop()
+    return torch.float32
+
+
+class PaRaLoRACombine(io.ComfyNode):
+    """A PaRa and a style LoRA on the same model, combined per layer."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PaRaLoRACombine",
+            display_name="PaRa + LoRA",
+            category=CATEGORY,
+            description="Apply a PaRa (subject) and a LoRA (style) together: one update ΔW = U@D per layer, computed from "
+                        "the base weight W0. stacked: -α1²·QQᵀW0 + α2²·BA, i.e. at α = 1 exactly 'PaRa first, then LoRA' "
+                        "(the order the paper recommends; LoRA first would project the LoRA away). product: the literal "
+                        "(-α1Q + α2B)(α1QᵀW0 + α2A), with cross terms; needs equal ranks. Layers with only a LoRA get "
+                        "α2²·BA, layers with only PaRa -α1²·QQᵀW0. Only plain LoRA files (no LoHa/LoKr/DoRA/LoCon mid).",
+            is_experimental=True,
+            inputs=[
+                _model_in(),
+                _clip_in(),
+                Para.Input("para", tooltip="The PaRa (subject), from Load PaRa or Merge PaRa. Connect it to this node only: "
+                                           "use the model from before Load PaRa, or it is applied twice."),
+                io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                               tooltip="A LoRA file from models/loras (plain B@A LoRA, any key naming ComfyUI reads)."),
+                io.Float.Input("alpha_para", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="α1, the PaRa factor scale. The PaRa term scales with α1² in both modes."),
+                io.Float.Input("alpha_lora", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="α2, the LoRA factor scale. The LoRA term scales with α2² in both modes."),
+                io.Combo.Input("mode", options=list(COMBINE_MODES), default="stacked",
+                               tooltip="stacked: -α1²·QQᵀW0 + α2²·BA (PaRa then LoRA, any ranks). product: "
+                                       "(-α1Q + α2B)(α1QᵀW0 + α2A), the formula with cross terms; PaRa and LoRA ranks must match."),
+            ],
+            outputs=_outputs(),
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, lora_name, **kwargs):
+        return _fingerprint("loras", lora_name)
+
+    @classmethod
+    def execute(cls, model, para, lora_name, alpha_para, alpha_lora, mode, clip=None) -> io.NodeOutput:
+        path = folder_paths.get_full_path("loras", lora_name)
+        if path is None:
+            raise ValueError(f"PaRa + LoRA: LoRA file '{lora_name}' not found in the loras folders")
+        try:
+            lora_sd = comfy.utils.load_torch_file(path, safe_load=True)
+        except Exception as e:
+            raise ValueError(f"PaRa + LoRA: cannot read LoRA file {path}: {e}") from None
+        m, c, text = _run(f"PaRa + LoRA ({para.source} + {lora_name})", apply_para_lora,
+                          para, lora_sd, path, model, clip, alpha_para, alpha_lora, mode)
+        return io.NodeOutput(m, c, ui=ui.PreviewText(text))
+
+
+class PaRaSave(io.ComfyNode):
+    """Write a PARA (for example a merge) to output/para, next to files Load PaRa lists."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PaRaSave",
+            display_name="Save PaRa",
+            category=CATEGORY,
+            description="Save a PaRa as a .safetensors file under the output folder, numbered like saved images "
+                        "(never overwrites). Files in output/para are listed by Load PaRa.",
+            is_experimental=True,
+            is_output_node=True,
+            inputs=[
+                Para.Input("para", tooltip="The PaRa to save."),
+                io.String.Input("filename_prefix", default="para/ComfyUI_para",
+                                tooltip="Path under the output folder; '_00001_.safetensors' and so on is appended."),
+            ],
+            outputs=[],
+        )
+
+    @classmethod
+    def execute(cls, para, filename_prefix) -> io.NodeOutput:
+        out_dir = folder_paths.get_output_directory()
+        folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
+        os.makedirs(folder, exist_ok=True)
+        while True:
+            name = f"{filename}_{counter:05}_.safetensors"
+            path = os.path.join(folder, name)
+            if not os.path.exists(path):
+                break
+            counter += 1
+        try:
+            para.save(path)  # temp file + rename; refuses to overwrite
+        except ParaError as e:
+            raise ValueError(f"Save PaRa: {e}") from None
+        rel = os.path.join(subfolder, name) if subfolder else name
+        log.info("PaRa: saved %s", path)
+        return io.NodeOutput(ui=ui.PreviewText(f"saved {rel}: {para!r}"))
+
+
+NODES = [PaRaLoader, PaRaApply, PaRaMerge, PaRaLoRACombine, PaRaSave]
