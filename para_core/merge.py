@@ -42,23 +42,24 @@ def _check_dims(models: list[ParaModel]) -> None:
             dims.setdefault(module, (out, m.source))
 
 
-def merge_sequential(models: list[ParaModel], dtype: torch.dtype = torch.float16) -> ParaModel:
-    """Chain: every stage of models[0], then every stage of models[1], ... per module."""
+def _gather(models: list[ParaModel]) -> dict[str, list[torch.Tensor]]:
+    """module -> every stage of models[0], then of models[1], ... (after checking the models agree on dims)."""
     _check_dims(models)
     chains: dict[str, list[torch.Tensor]] = {}
     for m in models:
         for module, chain in m.stages.items():
             chains.setdefault(module, []).extend(chain)
-    return ParaModel.from_bases(chains, _shared_metadata(models, "sequential"), dtype=dtype)
+    return chains
+
+
+def merge_sequential(models: list[ParaModel], dtype: torch.dtype = torch.float16) -> ParaModel:
+    """Chain: every stage of models[0], then every stage of models[1], ... per module."""
+    return ParaModel.from_bases(_gather(models), _shared_metadata(models, "sequential"), dtype=dtype)
 
 
 def merge_union(models: list[ParaModel], dtype: torch.dtype = torch.float16) -> ParaModel:
     """One basis per module spanning every stage of every model (order-independent)."""
-    _check_dims(models)
-    gathered: dict[str, list[torch.Tensor]] = {}
-    for m in models:
-        for module, chain in m.stages.items():
-            gathered.setdefault(module, []).extend(chain)
+    gathered = _gather(models)
     return ParaModel.from_bases({k: [span_union(v)] for k, v in gathered.items()}, _shared_metadata(models, "union"), dtype=dtype)
 
 

@@ -306,6 +306,16 @@ class ComfyHarness:
         safetensors.torch.save_file({k: v.to(dtype).contiguous() for k, v in sd.items()}, path)
 
     # ---- example workflows (UI format -> API prompt) ---------------------------------------------------
+    def saved_images(self, prompt: dict, ui: dict) -> list[str]:
+        """Paths of the images every SaveImage node of `prompt` wrote in the run that returned `ui`; asserts
+        that there is at least one SaveImage, that each wrote an image, and that the files exist."""
+        saves = [nid for nid, v in prompt.items() if v["class_type"] == "SaveImage"]
+        assert saves and all(ui[nid]["images"] for nid in saves), f"no saved images from SaveImage nodes {saves}"
+        paths = [os.path.join(self.dirs["output"], img["subfolder"], img["filename"]) for nid in saves for img in ui[nid]["images"]]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        assert not missing, f"SaveImage reported files that do not exist: {missing}"
+        return paths
+
     def workflow_to_prompt(self, workflow: dict | str, values: dict | None = None, overrides: dict | None = None) -> dict:
         """Convert a UI-format workflow (what the frontend saves) to an API prompt.
 

@@ -69,17 +69,14 @@ def test_example_workflow_runs(comfy, files, name):
                and not {x for x in v["inputs"].values() if isinstance(x, str)} & set(files.values())]
     assert not unknown, f"a model file of the workflow was not substituted: {unknown}"
     ui = comfy.run(prompt)
-    saves = [nid for nid, v in prompt.items() if v["class_type"] == "SaveImage"]
-    assert saves and all(ui[nid]["images"] for nid in saves)
-    for nid in saves:
-        for img in ui[nid]["images"]:
-            assert os.path.isfile(os.path.join(comfy.dirs["output"], img["subfolder"], img["filename"]))
+    comfy.saved_images(prompt, ui)
     texts = {prompt[nid]["class_type"]: ui[nid]["text"][0] for nid in ui if "text" in ui[nid]}
     if name == "para_personalised_generation.json":
         assert texts["PaRaLoader"] == "wf_subject.safetensors: model: 2 layers patched, clip: 1 layer patched"
     if name == "para_two_subjects_merged.json":
         merges = {prompt[nid]["inputs"]["mode"]: ui[nid]["text"][0] for nid in ui if prompt[nid]["class_type"] == "PaRaMerge"}
         assert set(merges) == {"sequential", "union"} and all("principal angles" in t for t in merges.values())
+        saves = [nid for nid, v in prompt.items() if v["class_type"] == "SaveImage"]
         images = [comfy.output(prompt[nid]["inputs"]["images"][0]) for nid in saves]
         assert not torch.equal(images[0], images[1]), "sequential and union of overlapping subjects should differ"
     if name == "para_with_style_lora.json":

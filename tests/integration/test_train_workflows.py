@@ -44,11 +44,7 @@ def test_training_workflow_runs(comfy, inputs, name):
     types = [v["class_type"] for v in prompt.values()]
     assert "PaRaTrainer" in types and "Note" not in types
     ui = comfy.run(prompt)
-    saves = [nid for nid, v in prompt.items() if v["class_type"] == "SaveImage"]
-    assert saves and all(ui[nid]["images"] for nid in saves)
-    for nid in saves:
-        for img in ui[nid]["images"]:
-            assert os.path.isfile(os.path.join(comfy.dirs["output"], img["subfolder"], img["filename"]))
+    comfy.saved_images(prompt, ui)
     for nid, v in prompt.items():
         if v["class_type"] == "PaRaTrainer":
             assert comfy.output(nid, 3) == 3  # steps output
