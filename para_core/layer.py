@@ -91,16 +91,27 @@ def cheaper_mode(rank: int, k: int, n: int) -> str:
 
 
 def project_output(y: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None = None, channel_dim: int = -1) -> torch.Tensor:
-    """y' = y - Q Qᵀ (y - b) along channel_dim, in y's dtype. Equals the layer's output with W - QQᵀW."""
+    """y' = y - Q Qᵀ (y - b) along channel_dim, in y's dtype. Equals the layer's output with W - QQᵀW.
+
+    Qᵀb is an r-vector, so the bias costs nothing per position; the subtraction is fused into one
+    addmm/baddbmm, and a conv output is used in its own (B, C, positions) layout without a transpose.
+    """
     q = q.to(dtype=y.dtype, device=y.device)
-    moved = channel_dim not in (-1, y.ndim - 1)
-    z = y.movedim(channel_dim, -1) if moved else y
-    if bias is not None:
-        coef = torch.matmul(z - bias.to(dtype=y.dtype, device=y.device), q)
-    else:
-        coef = torch.matmul(z, q)
-    out = z - torch.matmul(coef, q.T)
-    return out.movedim(-1, channel_dim) if moved else out
+    qb = None if bias is None else bias.to(dtype=y.dtype, device=y.device) @ q  # (r,)
+    if channel_dim in (-1, y.ndim - 1):
+        y2 = y.reshape(-1, y.shape[-1])
+        coef = y2 @ q
+        if qb is not None:
+            coef = coef - qb
+        return torch.addmm(y2, coef, q.T, alpha=-1).reshape(y.shape)
+    if channel_dim == 1 and y.ndim >= 3:
+        y3 = y.reshape(y.shape[0], y.shape[1], -1)
+        coef = torch.matmul(q.T, y3)  # (B, r, positions)
+        if qb is not None:
+            coef = coef - qb[:, None]
+        return torch.baddbmm(y3, q.expand(y.shape[0], -1, -1), coef, alpha=-1).reshape(y.shape)
+    z = y.movedim(channel_dim, -1)
+    return project_output(z, q, bias, -1).movedim(-1, channel_dim)
 
 
 def project_weight(w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -128,8 +139,9 @@ class ParaLayer(nn.Module):
         return self.b.shape[1]
 
     def basis(self) -> torch.Tensor:
-        """Q = orth(B) in fp32, even under autocast; differentiable."""
-        return orthonormal_basis(self.b, torch.float32, what="PaRa B")
+        """Q = orth(B) in fp32 (float64 if B is float64, for reference checks), even under autocast; differentiable."""
+        dtype = torch.float64 if self.b.dtype == torch.float64 else torch.float32
+        return orthonormal_basis(self.b, dtype, what="PaRa B")
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         """The projected weight (weight space)."""

@@ -1,0 +1,371 @@
+"""Train PaRa against ComfyUI's own Train LoRA on the same tiny SD1.5 UNet, same data, same conditions.
+
+Every configuration runs in its own fresh process (so peak memory is that run's alone) and calls the node's
+``execute`` in-process, under ``torch.inference_mode()`` as ComfyUI's executor does. Same model file,
+latents, caption, rank, batch, dtype, checkpointing, optimizer and seed. Reported per configuration:
+seconds per step (median after 2 warm-up steps), peak memory above the loaded model (CUDA: max allocated;
+CPU: the process's peak RSS, VmHWM, reset through /proc/self/clear_refs just before training) and the
+size of the saved file.
+
+Fairness: the core trainer has no layer selection - it trains LoRA on *every* layer (plus bias/norm
+diffs). PaRa is therefore run both on its default ExCA preset and on ``all`` (every layer Train LoRA
+trains), and file sizes are also compared against the core LoRA's tensors restricted to the ExCA layers.
+
+    /root/ComfyUI/.venv/bin/python benchmarks/bench_train.py [--comfyui PATH] [--steps 12] [--res 16]
+    /root/ComfyUI/.venv/bin/python benchmarks/bench_train.py --init-study [--steps 60]
+
+``--init-study`` compares B initialisations (small_sv / random / top_sv): the model's output change at
+step 0 and a fixed-noise evaluation loss after N steps, over 3 seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACK = "comfyui_para_bench"
+
+
+# ---- worker side -----------------------------------------------------------------------------------
+def _setup_comfy(root: str):
+    sys.path[:] = [root] + [p for p in sys.path if p != root]
+    import torch
+    from comfy.cli_args import args
+    if not torch.cuda.is_available():
+        args.cpu = True
+    import folder_paths
+    import utils.extra_config  # noqa: F401  (before anything imports `nodes`)
+    return folder_paths
+
+
+def _import_pack():
+    """The repository as a package (the pack uses relative imports), as ComfyUI imports custom nodes."""
+    if PACK in sys.modules:
+        return sys.modules[PACK]
+    spec = importlib.util.spec_from_file_location(PACK, os.path.join(REPO, "__init__.py"), submodule_search_locations=[REPO])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[PACK] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _tiny_unet_sd(seed: int = 0):
+    """The tiny SD1.5 UNet of the integration harness (model_channels 320, one level, context 768), random init."""
+    import torch
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    g = torch.Generator().manual_seed(seed)
+    m = UNetModel(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1], channel_mult=[1],
+                  transformer_depth=[1], transformer_depth_output=[1, 1], transformer_depth_middle=-2, context_dim=768,
+                  num_heads=8, num_head_channels=-1, use_linear_in_transformer=False, use_spatial_transformer=True,
+                  legacy=False, adm_in_channels=None, use_temporal_resblock=False, use_temporal_attention=False,
+                  operations=comfy.ops.disable_weight_init, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        for _name, p in m.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+            elif _name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def _data(cfg):
+    import torch
+    g = torch.Generator().manual_seed(1234)
+    latents = [{"samples": torch.randn(cfg["images"], 4, cfg["res"], cfg["res"], generator=g)}]
+    ctx = torch.randn(1, 77, 768, generator=g)
+    return latents, [[[ctx, {}]]]
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> int:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _rss_kib("VmRSS")
+
+
+def worker(cfg: dict) -> dict:
+    """One configuration, in this (fresh) process. Prints nothing; returns the measurements."""
+    _setup_comfy(cfg["comfyui"])
+    import torch
+    import comfy.model_management as mm
+    import comfy.sd
+    import comfy.utils
+    torch.manual_seed(0)
+    torch.set_num_threads(cfg["threads"])
+    with torch.inference_mode():  # as the executor: parameters are inference tensors
+        sd = comfy.utils.load_torch_file(cfg["model_file"])
+        model = comfy.sd.load_diffusion_model_state_dict(sd)
+        del sd
+        latents, positive = _data(cfg)
+        mm.load_models_gpu([model], force_full_load=True)
+    cuda = torch.cuda.is_available()
+    stamps: list[float] = []
+    comfy.utils.set_progress_bar_global_hook(lambda v, t, p, node_id=None: stamps.append(time.perf_counter()))
+    common = dict(model=[model], latents=latents, positive=positive, batch_size=[cfg["batch"]], grad_accumulation_steps=[1],
+                  steps=[cfg["steps"]], learning_rate=[5e-4], rank=[cfg["rank"]], optimizer=["AdamW"], loss_function=["MSE"],
+                  seed=[0], training_dtype=[cfg["dtype"]], gradient_checkpointing=[cfg["checkpointing"]])
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base_mem = torch.cuda.memory_allocated()
+    else:
+        base_mem = _reset_peak()
+    t0 = time.perf_counter()
+    out: dict = {"name": cfg["name"]}
+    with torch.inference_mode():
+        if cfg["kind"] == "core":
+            from comfy_extras.nodes_train import TrainLoraNode
+            res = TrainLoraNode.execute(**common, lora_dtype=[cfg["lora_dtype"]], algorithm=["LoRA"], existing_lora=["[None]"],
+                                        bucket_mode=[False])
+            lora = res[1]
+        else:
+            pack = _import_pack()
+            from importlib import import_module
+            nt = import_module(f"{PACK}.nodes.nodes_train")
+            res = nt.PaRaTrainer.execute(**common, targets=[cfg["targets"]], rank_boundary=[cfg["gamma"]], loss_space=["x0"],
+                                         projection=[cfg["projection"]], init=[cfg.get("init", "small_sv")])
+            para = res[1]
+            assert pack is not None
+    if cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base_mem
+    else:
+        peak = (_rss_kib("VmHWM") - base_mem) * 1024
+    out["total_s"] = time.perf_counter() - t0
+    diffs = [b - a for a, b in zip(stamps, stamps[1:])][2:]
+    out["s_per_step"] = statistics.median(diffs) if diffs else float("nan")
+    out["peak_bytes"] = peak
+    out["loss"] = res[2]["loss"]
+    tmp = tempfile.mkdtemp()
+    if cfg["kind"] == "core":
+        import safetensors.torch
+        path = os.path.join(tmp, "lora.safetensors")
+        safetensors.torch.save_file(lora, path)  # exactly what the core Save LoRA node writes
+        out["file_bytes"] = os.path.getsize(path)
+        from importlib import import_module
+        _import_pack()
+        targets = import_module(f"{PACK}.para_core.targets")
+        names = {n for n in {k.rsplit(".", 2)[0] for k in lora if k.endswith(("lora_up.weight", "lora_down.weight"))}}
+        exca = set(targets.select(sorted(names), "ExCA"))
+        sub = {k: v for k, v in lora.items() if k.rsplit(".", 2)[0] in exca and not k.endswith((".diff", ".diff_b"))}
+        path2 = os.path.join(tmp, "lora_exca.safetensors")
+        safetensors.torch.save_file(sub, path2)
+        out["file_bytes_exca_layers"] = os.path.getsize(path2)
+        out["layers"] = len(names)
+    else:
+        path = os.path.join(tmp, "para.safetensors")
+        para.save(path)
+        out["file_bytes"] = os.path.getsize(path)
+        out["layers"] = len(para.stages)
+    out["device"] = "cuda" if cuda else "cpu"
+    return out
+
+
+def init_study_worker(cfg: dict) -> dict:
+    """Step-0 output change and trained evaluation loss for one (init, seed)."""
+    _setup_comfy(cfg["comfyui"])
+    import torch
+    import comfy.model_management as mm
+    import comfy.sd
+    import comfy.utils
+    torch.set_num_threads(cfg["threads"])
+    pack = _import_pack()
+    from importlib import import_module
+    nt = import_module(f"{PACK}.nodes.nodes_train")
+    adapter = import_module(f"{PACK}.nodes.para_adapter")
+    layer_mod = import_module(f"{PACK}.para_core.layer")
+    targets = import_module(f"{PACK}.para_core.targets")
+    assert pack is not None
+    with torch.inference_mode():
+        model = comfy.sd.load_diffusion_model_state_dict(comfy.utils.load_torch_file(cfg["model_file"]))
+        latents, positive = _data(cfg)
+    g = torch.Generator().manual_seed(99)
+    x0 = latents[0]["samples"]
+    n_eval = 16
+    idx = torch.randint(0, x0.shape[0], (n_eval,), generator=g)
+    pct = torch.rand(n_eval, generator=g) * 0.9 + 0.05
+    noise = torch.randn((n_eval,) + tuple(x0.shape[1:]), generator=g)
+    ctx = positive[0][0][0]
+
+    def predict(patcher):
+        with torch.inference_mode():
+            mm.load_models_gpu([patcher], force_full_load=True)
+            base = patcher.model
+            ms = base.model_sampling
+            lat = base.process_latent_in(x0[idx])
+            sigma = torch.tensor([float(ms.percent_to_sigma(float(p))) for p in pct])
+            xt = ms.noise_scaling(sigma, noise, lat, False)
+            den = base.apply_model(xt, sigma, c_crossattn=ctx.repeat(n_eval, 1, 1))
+            scale = nt._prediction_scale(ms, sigma, 4)
+            return (den - lat) / scale  # error in ε space
+
+    def eval_loss(patcher):
+        return float(predict(patcher).square().mean())
+
+    base_err = predict(model)
+    out = {"init": cfg["init"], "seed": cfg["seed"], "base_eval_loss": float(base_err.square().mean())}
+    # step 0: the PaRa as initialised, applied as patches
+    with torch.inference_mode(False):
+        cands = nt._candidates(model.model)
+        p = targets.plan({n: m.weight.shape[0] for n, m in cands.items()}, "ExCA", cfg["rank"], 0.025)
+        net = layer_mod.ParaNetwork.from_weights({n: cands[n].weight.detach().clone() for n in p.ranks}, p.ranks, cfg["init"], cfg["seed"])
+        para0 = net.to_para_model({}, dtype=torch.float32)
+    with torch.inference_mode():
+        m0, _, _ = adapter.apply_para(para0, model, None, 1.0, 1.0)
+    err0 = predict(m0)
+    out["step0_output_change"] = float((err0 - base_err).norm() / base_err.norm())
+    out["step0_eval_loss"] = float(err0.square().mean())
+    with torch.inference_mode():
+        res = nt.PaRaTrainer.execute(model=[model], latents=latents, positive=positive, batch_size=[cfg["batch"]],
+                                     grad_accumulation_steps=[1], steps=[cfg["steps"]], learning_rate=[cfg["lr"]], rank=[cfg["rank"]],
+                                     optimizer=["AdamW"], loss_function=["MSE"], seed=[cfg["seed"]], training_dtype=["fp32"],
+                                     gradient_checkpointing=[False], targets=["ExCA"], rank_boundary=[0.025],
+                                     loss_space=["prediction"], init=[cfg["init"]])
+    out["trained_eval_loss"] = eval_loss(res[0])
+    losses = res[2]["loss"]
+    k = max(1, len(losses) // 10)
+    out["train_loss_first_tenth"] = sum(losses[:k]) / k
+    out["train_loss_last_tenth"] = sum(losses[-k:]) / k
+    return out
+
+
+# ---- driver side -------------------------------------------------------------------------------------
+def _run_worker(cfg: dict, mode: str) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), f"--{mode}", json.dumps(cfg)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.stderr.write(p.stderr[-4000:])
+        raise SystemExit(f"worker {cfg.get('name', cfg)} failed (exit {p.returncode})")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _model_file(comfyui: str, folder: str) -> str:
+    """Build the tiny UNet once (in a worker process) and save it; every configuration loads this file."""
+    path = os.path.join(folder, "tiny_sd15_unet.safetensors")
+    subprocess.run([sys.executable, os.path.abspath(__file__), "--make-model", json.dumps({"comfyui": comfyui, "path": path})],
+                   check=True)
+    return path
+
+
+def _fmt_mib(b: float) -> str:
+    return f"{b / 2 ** 20:8.1f} MiB"
+
+
+def main_bench(a) -> int:
+    tmp = tempfile.mkdtemp(prefix="bench_train_")
+    model_file = _model_file(a.comfyui, tmp)
+    base = dict(comfyui=a.comfyui, model_file=model_file, steps=a.steps, res=a.res, images=4, batch=a.batch, rank=a.rank,
+                dtype=a.dtype, checkpointing=not a.no_checkpointing, threads=a.threads, lora_dtype=a.dtype, gamma=0.025)
+    runs = [dict(base, name="core Train LoRA (all layers)", kind="core"),
+            dict(base, name="PaRa ExCA (auto)", kind="para", targets="ExCA", projection="auto"),
+            dict(base, name="PaRa all (auto)", kind="para", targets="all", projection="auto"),
+            dict(base, name="PaRa ExCA (output space)", kind="para", targets="ExCA", projection="output"),
+            dict(base, name="PaRa ExCA (weight space)", kind="para", targets="ExCA", projection="weight")]
+    results = []
+    for cfg in runs:
+        r = _run_worker(cfg, "worker")
+        results.append(r)
+        print(f"{r['name']:32s} {r['s_per_step'] * 1000:8.1f} ms/step  peak {_fmt_mib(r['peak_bytes'])}  "
+              f"file {r['file_bytes'] / 1024:8.1f} KiB  layers {r['layers']:3d}  [{r['device']}]", flush=True)
+    core, exca, all_ = results[0], results[1], results[2]
+    print(f"\nsetup: tiny SD1.5 UNet (18.7M), {base['images']} latents {a.res}x{a.res}, batch {a.batch}, rank {a.rank}, "
+          f"{a.dtype}, gradient checkpointing {'on' if base['checkpointing'] else 'off'}, {a.steps} steps, AdamW, "
+          f"{base['threads']} threads, device {core['device']}")
+    print("ratios PaRa / core Train LoRA            target   ExCA     all")
+    print(f"  seconds per step                       <=0.50   {exca['s_per_step'] / core['s_per_step']:.2f}     "
+          f"{all_['s_per_step'] / core['s_per_step']:.2f}")
+    print(f"  peak training memory                   <=1.00   {exca['peak_bytes'] / core['peak_bytes']:.2f}     "
+          f"{all_['peak_bytes'] / core['peak_bytes']:.2f}")
+    print(f"  file size vs core LoRA file            <=0.55   {exca['file_bytes'] / core['file_bytes']:.2f}     "
+          f"{all_['file_bytes'] / core['file_bytes']:.2f}")
+    print(f"  file size vs core LoRA, same layers    <=0.55   {exca['file_bytes'] / core['file_bytes_exca_layers']:.2f}     -")
+    out_s, w_s = results[3]["s_per_step"], results[4]["s_per_step"]
+    print(f"output space vs weight space (ExCA): {out_s * 1000:.1f} vs {w_s * 1000:.1f} ms/step, "
+          f"peak {_fmt_mib(results[3]['peak_bytes']).strip()} vs {_fmt_mib(results[4]['peak_bytes']).strip()}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+def main_init_study(a) -> int:
+    tmp = tempfile.mkdtemp(prefix="bench_init_")
+    model_file = _model_file(a.comfyui, tmp)
+    rows = []
+    for init in ("small_sv", "random", "top_sv"):
+        for seed in range(a.seeds):
+            cfg = dict(comfyui=a.comfyui, model_file=model_file, steps=a.steps, res=a.res, images=4, batch=a.batch,
+                       rank=a.rank, lr=a.lr, init=init, seed=seed, threads=a.threads)
+            r = _run_worker(cfg, "init-worker")
+            rows.append(r)
+            print(f"{init:9s} seed {seed}: step-0 output change {r['step0_output_change'] * 100:6.2f} %  eval loss "
+                  f"base {r['base_eval_loss']:.4f} step0 {r['step0_eval_loss']:.4f} after {a.steps} steps "
+                  f"{r['trained_eval_loss']:.4f}  (train loss first/last tenth {r['train_loss_first_tenth']:.3f}/"
+                  f"{r['train_loss_last_tenth']:.3f})", flush=True)
+    print(f"\nmeans over {a.seeds} seeds (ExCA, rank {a.rank}, lr {a.lr}, {a.steps} steps, {a.res}x{a.res}, batch {a.batch}):")
+    for init in ("small_sv", "random", "top_sv"):
+        rs = [r for r in rows if r["init"] == init]
+        print(f"  {init:9s} step-0 change {statistics.mean(r['step0_output_change'] for r in rs) * 100:6.2f} %   "
+              f"eval loss after training {statistics.mean(r['trained_eval_loss'] for r in rs):.4f}")
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", os.path.expanduser("~/ComfyUI")))
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--res", type=int, default=16, help="latent size (16 = 128 px images)")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--no-checkpointing", action="store_true")
+    ap.add_argument("--threads", type=int, default=max(1, min(os.cpu_count() or 1, 16)))
+    ap.add_argument("--json", help="also write the raw results here")
+    ap.add_argument("--init-study", action="store_true")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--init-worker", help=argparse.SUPPRESS)
+    ap.add_argument("--make-model", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        print(json.dumps(worker(json.loads(a.worker))))
+        return 0
+    if a.make_model:
+        cfg = json.loads(a.make_model)
+        _setup_comfy(cfg["comfyui"])
+        import safetensors.torch
+        safetensors.torch.save_file(_tiny_unet_sd(), cfg["path"])
+        return 0
+    if a.init_worker:
+        print(json.dumps(init_study_worker(json.loads(a.init_worker))))
+        return 0
+    if a.init_study:
+        a.steps = a.steps or 60
+        return main_init_study(a)
+    a.steps = a.steps or 12
+    return main_bench(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""The trainable PaRa layer: gradients, fp32 QR under autocast, output space == weight space, init."""
+import pytest
+import torch
+from torch import nn
+
+from para_core.layer import (ParaLayer, ParaNetwork, cheaper_mode, init_basis, project_output, project_weight)
+
+D = torch.float64
+
+
+def _ref_weight(w, q):
+    """Float64 reference W - QQᵀW with QQᵀ built explicitly."""
+    w64 = w.to(D).reshape(w.shape[0], -1)
+    q64 = q.to(D)
+    return (w64 - q64 @ q64.T @ w64).reshape(w.shape)
+
+
+def _linear(g, out=24, inp=20, dtype=D):
+    m = nn.Linear(inp, out).to(dtype)
+    with torch.no_grad():
+        m.weight.copy_(torch.randn(out, inp, generator=g, dtype=dtype))
+        m.bias.copy_(torch.randn(out, generator=g, dtype=dtype))
+    return m
+
+
+def _conv(g, out=12, inp=5, dtype=D):
+    m = nn.Conv2d(inp, out, 3, stride=2, padding=1).to(dtype)
+    with torch.no_grad():
+        m.weight.copy_(torch.randn(m.weight.shape, generator=g, dtype=dtype))
+        m.bias.copy_(torch.randn(out, generator=g, dtype=dtype))
+    return m
+
+
+def _net(module, rank, g, mode):
+    b = torch.randn(module.weight.shape[0], rank, generator=g)
+    net = ParaNetwork({"m": ParaLayer(b)}, mode=mode)
+    net.double()  # float64 end to end for the exactness checks
+    return net
+
+
+@pytest.mark.parametrize("make,x_shape", [(_linear, (3, 7, 20)), (_conv, (2, 5, 9, 9))])
+def test_output_space_equals_weight_space_float64(make, x_shape, gen):
+    module = make(gen)
+    x = torch.randn(x_shape, generator=gen, dtype=D)
+    results, grads = {}, {}
+    for mode in ("output", "weight"):
+        g = torch.Generator().manual_seed(7)
+        net = _net(module, 3, g, mode)
+        undo = net.attach({"m": module})
+        try:
+            y = module(x)
+            (y * torch.linspace(-1, 1, y.numel(), dtype=D).reshape(y.shape)).sum().backward()
+        finally:
+            undo()
+        assert net.mode_counts[mode] == 1
+        results[mode] = y.detach()
+        grads[mode] = net.layer("m").b.grad.clone()
+    # reference: the same layer with W - QQᵀW, QQᵀ built explicitly in float64
+    q = net.layer("m").basis().detach().to(D)
+    ref = module.__class__.forward(_swap(module, _ref_weight(module.weight.detach(), q)), x)
+    torch.testing.assert_close(results["output"], ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(results["weight"], ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grads["output"], grads["weight"], rtol=1e-9, atol=1e-12)
+
+
+def _swap(module, w):
+    clone = module.__class__.__new__(module.__class__)
+    clone.__dict__ = dict(module.__dict__)
+    clone._parameters = dict(module._parameters, weight=nn.Parameter(w))
+    return clone
+
+
+@pytest.mark.parametrize("mode", ["output", "weight"])
+def test_gradients_reach_b_and_only_b(mode, gen):
+    module = _linear(gen, dtype=torch.float32)
+    module.requires_grad_(False)
+    net = ParaNetwork({"m": ParaLayer(torch.randn(24, 4, generator=gen))}, mode=mode)
+    undo = net.attach({"m": module})
+    x = torch.randn(5, 20, generator=gen)
+    with net.step():
+        loss = module(x).square().mean()
+    loss.backward()
+    undo()
+    g = net.layer("m").b.grad
+    assert g is not None and torch.isfinite(g).all() and g.abs().max() > 1e-6
+    assert module.weight.grad is None and module.bias.grad is None
+
+
+def test_qr_runs_in_fp32_under_bf16_autocast(gen):
+    b = torch.randn(64, 6, generator=gen)
+    layer = ParaLayer(b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q = layer.basis()
+        y = project_output(torch.randn(3, 64, generator=gen).to(torch.bfloat16), q)
+    assert q.dtype == torch.float32
+    assert y.dtype == torch.bfloat16
+    q64 = torch.linalg.qr(b.to(D))[0]
+    q64 = q64 * torch.sign(torch.diagonal(torch.linalg.qr(b.to(D))[1]))
+    torch.testing.assert_close(q.to(D), q64, rtol=0, atol=1e-5)  # fp32 accuracy, not bf16 (~1e-2)
+    eye = torch.eye(6, dtype=D)
+    assert (q.to(D).T @ q.to(D) - eye).abs().max() < 1e-5
+
+
+def test_trained_module_under_autocast_keeps_b_fp32(gen):
+    module = _linear(gen, dtype=torch.float32).requires_grad_(False)
+    net = ParaNetwork({"m": ParaLayer(torch.randn(24, 2, generator=gen))}, mode="output")
+    undo = net.attach({"m": module})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with net.step() as qs:
+            assert qs["m"].dtype == torch.float32
+            y = module(torch.randn(4, 20, generator=gen))
+        assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    undo()
+    assert net.layer("m").b.dtype == torch.float32 and net.layer("m").b.grad.dtype == torch.float32
+
+
+def test_detach_restores_forward_bit_exactly(gen):
+    module = _conv(gen, dtype=torch.float32)
+    x = torch.randn(1, 5, 8, 8, generator=gen)
+    before = module(x)
+    net = ParaNetwork({"m": ParaLayer(torch.randn(12, 2, generator=gen))})
+    undo = net.attach({"m": module})
+    assert not torch.equal(module(x), before)
+    undo()
+    assert "forward" not in module.__dict__
+    assert torch.equal(module(x), before)
+
+
+def test_other_modules_use_weight_space_with_their_own_forward(gen):
+    emb = nn.Embedding(10, 6)
+    ids = torch.tensor([[1, 2, 9]])
+    net = ParaNetwork({"e": ParaLayer(torch.randn(10, 2, generator=gen))}, mode="output")
+    undo = net.attach({"e": emb})
+    y = emb(ids)
+    undo()
+    q = net.layer("e").basis().detach()
+    ref = torch.nn.functional.embedding(ids, _ref_weight(emb.weight.detach(), q).float())
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-6)
+    assert isinstance(emb._parameters["weight"], nn.Parameter) and net.mode_counts["weight"] == 1
+
+
+def test_attach_rejects_missing_and_mismatched_modules(gen):
+    net = ParaNetwork({"a": ParaLayer(torch.randn(8, 2, generator=gen))})
+    with pytest.raises(KeyError):
+        net.attach({})
+    with pytest.raises(Exception, match="rows"):
+        net.attach({"a": nn.Linear(4, 9)})
+
+
+def test_cheaper_mode_rule():
+    # K >= 6r: output space wins at any token count
+    for n in (1, 64, 4096, 10 ** 6):
+        assert cheaper_mode(8, 320, n) == "output"
+        assert cheaper_mode(8, 48, n) == "output"
+    # K < 6r: weight space only past N* = 6rK / (6r - K)
+    r, k = 64, 320
+    n_star = 6 * r * k / (6 * r - k)
+    assert cheaper_mode(r, k, int(n_star) - 1) == "output"
+    assert cheaper_mode(r, k, int(n_star) + 2) == "weight"
+
+
+def test_step_computes_each_basis_once(gen, monkeypatch):
+    module = _linear(gen, dtype=torch.float32)
+    net = ParaNetwork({"m": ParaLayer(torch.randn(24, 2, generator=gen))}, mode="output")
+    calls = []
+    orig = ParaLayer.basis
+    monkeypatch.setattr(ParaLayer, "basis", lambda self: calls.append(1) or orig(self))
+    undo = net.attach({"m": module})
+    with net.step():
+        for _ in range(3):
+            module(torch.randn(2, 20, generator=gen))
+    undo()
+    assert len(calls) == 1
+
+
+# ---- initialisation ------------------------------------------------------------------------------
+def _sv(w):
+    return torch.linalg.svdvals(w.to(D).reshape(w.shape[0], -1))
+
+
+@pytest.mark.parametrize("shape", [(32, 48), (16, 8, 3, 3)])
+def test_small_sv_init_removes_the_smallest_singular_directions(shape, gen):
+    w = torch.randn(shape, generator=gen)
+    r = 3
+    b = init_basis(w, r, "small_sv", gen)
+    assert b.shape == (shape[0], r) and b.dtype == torch.float32
+    torch.testing.assert_close(b.norm(dim=0), torch.ones(r), rtol=0, atol=1e-5)
+    change = (project_weight(w.to(D), b.to(D)) - w.to(D)).norm()
+    s = _sv(w)
+    torch.testing.assert_close(change, s[-r:].square().sum().sqrt(), rtol=1e-5, atol=1e-6)  # minimal possible
+    top = init_basis(w, r, "top_sv", gen)
+    torch.testing.assert_close((project_weight(w.to(D), top.to(D)) - w.to(D)).norm(),
+                               s[:r].square().sum().sqrt(), rtol=1e-5, atol=1e-6)  # maximal possible
+    rnd = init_basis(w, r, "random", gen)
+    rnd_change = (project_weight(w.to(D), torch.linalg.qr(rnd.to(D))[0]) - w.to(D)).norm()
+    assert change < rnd_change
+
+
+def test_small_sv_init_uses_the_null_space_of_wide_output_layers(gen):
+    w = torch.randn(40, 8, generator=gen)  # out > in: 32-dim left null space
+    b = init_basis(w, 5, "small_sv", gen)
+    assert (b.to(D).T @ w.to(D)).abs().max() < 1e-5           # QᵀW = 0: no change at step 0
+    torch.testing.assert_close(b.T @ b, torch.eye(5), rtol=0, atol=1e-5)
+    # more directions requested than the null space has: the rest are the smallest nonzero ones
+    b = init_basis(torch.randn(10, 8, generator=gen), 4, "small_sv", gen)
+    assert torch.linalg.matrix_rank(b) == 4
+
+
+def test_init_is_deterministic_in_the_seed():
+    w = torch.randn(20, 12, generator=torch.Generator().manual_seed(0))
+    nets = [ParaNetwork.from_weights({"a": w, "b": w[:10]}, {"a": 3, "b": 2}, init, seed=5)
+            for init in ("random", "random", "small_sv", "small_sv")]
+    for x, y in ((nets[0], nets[1]), (nets[2], nets[3])):
+        for n in ("a", "b"):
+            assert torch.equal(x.layer(n).b, y.layer(n).b)
+    assert not torch.equal(nets[0].layer("a").b, nets[2].layer("a").b)
+    with pytest.raises(ValueError, match="unknown init"):
+        init_basis(w, 2, "zeros")
+
+
+def test_to_para_model_round_trip(gen):
+    w = torch.randn(20, 12, generator=gen)
+    net = ParaNetwork.from_weights({"diffusion_model.x.attn1.to_q": w}, {"diffusion_model.x.attn1.to_q": 3}, "random", 1)
+    para = net.to_para_model({"targets": "ExCA"}, dtype=torch.float32)
+    q = net.layer("diffusion_model.x.attn1.to_q").basis().detach()
+    assert para.ranks() == {"diffusion_model.x.attn1.to_q": [3]}
+    assert para.metadata["targets"] == "ExCA" and para.metadata["format"] == "para"
+    torch.testing.assert_close(para.stages["diffusion_model.x.attn1.to_q"][0], q, rtol=0, atol=1e-6)
