@@ -304,7 +304,8 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, network: ParaNetwork, t
         prefix = f"optim.{name}."
         entry = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         if entry:
-            state[i] = {k: (v.to(network.layer(name).b.device) if k != "step" else v) for k, v in entry.items()}
+            # clone: the tensors were read under the executor's inference mode, and the optimizer updates them in place
+            state[i] = {k: (v.to(network.layer(name).b.device) if k != "step" else v).clone() for k, v in entry.items()}
     sd = optimizer.state_dict()
     sd["state"] = state
     optimizer.load_state_dict(sd)
@@ -323,7 +324,8 @@ def _free_name(folder: str, filename: str, step: int) -> str:
 
 def _save_checkpoint(para: ParaModel, state: dict[str, torch.Tensor], state_meta: dict[str, str],
                      filename_prefix: str, step: int) -> str:
-    """Write <prefix>_<step>_steps_<n>_.safetensors and its sidecar, each atomically, never overwriting."""
+    """Write <prefix>_<step>_steps_<n>_.safetensors (Save LoRA's naming) and its sidecar, each atomically,
+    never overwriting."""
     out_dir = folder_paths.get_output_directory()
     folder, filename, _counter, _sub, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
     os.makedirs(folder, exist_ok=True)
@@ -674,12 +676,6 @@ class PaRaTrainer(io.ComfyNode):
                                tooltip="Which layers PaRa trains. ExCA (paper default): all layers except cross-attention "
                                        "and time/label embeddings (for SD3/Flux: the text stream and the timestep "
                                        "modulation). self_attention, attention (self + cross), all (every layer Train LoRA trains)."),
-                io.String.Input("include", default="", optional=True,
-                                tooltip="Extra layers: regular expressions (comma or newline separated) matched against "
-                                        "names like diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k."),
-                io.String.Input("exclude", default="", optional=True,
-                                tooltip="Layers to leave out (regular expressions, comma or newline separated); wins over "
-                                        "the preset and include."),
                 io.Float.Input("rank_boundary", default=DEFAULT_GAMMA, min=0.0, max=1.0, step=0.001,
                                tooltip="γ: a layer with output size d gets rank min(rank, max(1, floor(γ·d))). The paper "
                                        "found γ≈1/40 stable; 0 turns the cap off."),
@@ -687,6 +683,12 @@ class PaRaTrainer(io.ComfyNode):
                                tooltip="prediction: the error of the model's own target (ε for SD1.5/SDXL, v for "
                                        "v-prediction, flow velocity for SD3/Flux), as standard trainers do. x0: the error "
                                        "of the denoised latent, as Train LoRA does (weights noisy steps by σ²)."),
+                io.String.Input("include", default="", optional=True,
+                                tooltip="Extra layers: regular expressions (comma or newline separated) matched against "
+                                        "names like diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k."),
+                io.String.Input("exclude", default="", optional=True,
+                                tooltip="Layers to leave out (regular expressions, comma or newline separated); wins over "
+                                        "the preset and include."),
                 io.Combo.Input("existing_para", options=[NONE] + folder_paths.get_filename_list("para"), default=NONE,
                                optional=True,
                                tooltip="Continue training this PaRa file (its layers and ranks; the step count continues). "

@@ -26,7 +26,7 @@ Initialisation of B (``init``), all with unit-norm columns so Adam's step size m
 * ``top_sv``: the r dominant left singular vectors; the largest possible step-0 change (for studies).
 
 Q is computed with `orthonormal_basis` (fp32, autocast disabled, sign-fixed, differentiable) - once per
-training step for all layers (`ParaNetwork.bases`), not once per layer call.
+training step for all layers (`ParaNetwork.bases`, one batched QR per B shape), not once per layer call.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .basis import orthonormal_basis
+from .basis import orthonormal_bases, orthonormal_basis
 from .errors import ParaShapeError
 from .format import ParaModel
 
@@ -203,8 +203,12 @@ class ParaNetwork(nn.Module):
         return {n: layer.rank for n, layer in self.items()}
 
     def bases(self) -> dict[str, torch.Tensor]:
-        """Q for every layer (fp32, differentiable), computed now."""
-        return {n: layer.basis() for n, layer in self.items()}
+        """Q for every layer (fp32, differentiable), computed now: one batched QR per B shape (a model has
+        hundreds of layers but few distinct shapes), bit-identical to each layer's own `basis()`."""
+        if any(layer.b.dtype == torch.float64 for _, layer in self.items()):
+            return {n: layer.basis() for n, layer in self.items()}
+        qs = orthonormal_bases([layer.b for _, layer in self.items()], [f"PaRa B of {n}" for n in self.names])
+        return dict(zip(self.names, qs))
 
     @contextmanager
     def step(self):

@@ -31,7 +31,8 @@ Unknown layouts use generic name rules (``attn2``/``cross_attn`` = cross-attenti
 ``*_embedder``/``time_*``/``*modulation*`` = embeddings).
 
 Rank boundary γ (paper: ≈1/40 keeps training stable): a layer with output dim `out` gets rank
-min(rank, max(1, floor(γ·out))), and never more than out; γ = 0 turns the boundary off.
+min(rank, max(1, floor(γ·out))), and never more than out - 1 (rank = out would remove every output
+direction and leave only the bias); γ = 0 turns the boundary off.
 """
 from __future__ import annotations
 
@@ -145,10 +146,12 @@ def select(names: Iterable[str], preset: str = DEFAULT_PRESET, include: str | It
 
 
 def effective_rank(rank: int, out: int, gamma: float = DEFAULT_GAMMA) -> int:
-    """min(rank, max(1, floor(γ·out))) (γ > 0), never above out; γ <= 0: min(rank, out)."""
+    """min(rank, max(1, floor(γ·out))) (γ > 0); γ <= 0: min(rank, out - 1). Never above out - 1 (for out > 1):
+    rank = out would remove the whole output space - the layer's output becomes its bias, whatever B is,
+    so nothing can be learned there (with γ = 0 the 4-channel UNet output conv hit this and froze the model)."""
     if rank < 1:
         raise ValueError(f"rank must be at least 1, got {rank}")
-    r = min(rank, out)
+    r = min(rank, max(1, out - 1))
     if gamma > 0:
         r = min(r, max(1, int(gamma * out + 1e-9)))
     return r

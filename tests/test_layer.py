@@ -164,14 +164,16 @@ def test_step_computes_each_basis_once(gen, monkeypatch):
     module = _linear(gen, dtype=torch.float32)
     net = ParaNetwork({"m": ParaLayer(torch.randn(24, 2, generator=gen))}, mode="output")
     calls = []
-    orig = ParaLayer.basis
-    monkeypatch.setattr(ParaLayer, "basis", lambda self: calls.append(1) or orig(self))
+    import para_core.layer as layer_mod
+    orig = layer_mod.orthonormal_bases  # one batched QR for all layers per step
+    monkeypatch.setattr(layer_mod, "orthonormal_bases", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    monkeypatch.setattr(ParaLayer, "basis", lambda self: calls.append(2) or orig([self.b], ["b"])[0])
     undo = net.attach({"m": module})
     with net.step():
         for _ in range(3):
             module(torch.randn(2, 20, generator=gen))
     undo()
-    assert len(calls) == 1
+    assert calls == [1]
 
 
 # ---- initialisation ------------------------------------------------------------------------------

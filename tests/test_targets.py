@@ -109,7 +109,8 @@ def test_rank_boundary():
     assert effective_rank(64, 1280, 0.025) == 32
     assert effective_rank(4, 16, 0.025) == 1             # max(1, floor(0.4))
     assert effective_rank(8, 320, 0.0) == 8              # γ = 0: off
-    assert effective_rank(8, 4, 0.0) == 4                # never above out
+    assert effective_rank(8, 4, 0.0) == 3                # never above out - 1 (rank = out leaves only the bias)
+    assert effective_rank(8, 1, 0.0) == 1
     assert effective_rank(3, 4, 1.0) == 3
     with pytest.raises(ValueError):
         effective_rank(0, 320)
