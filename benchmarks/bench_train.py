@@ -5,13 +5,13 @@ Every configuration runs in its own fresh process (so peak memory is that run's 
 latents, caption, rank, batch, dtype, checkpointing, optimizer and seed. Reported per configuration:
 seconds per step (median after 2 warm-up steps), peak memory above the loaded model (CUDA: max allocated;
 CPU: the process's peak RSS, VmHWM, reset through /proc/self/clear_refs just before training) and the
-size of the saved file.
+size of the saved file (the core LoRA at its default lora_dtype bf16, PaRa at its fp16: 2 bytes each).
 
 Fairness: the core trainer has no layer selection - it trains LoRA on *every* layer (plus bias/norm
 diffs). PaRa is therefore run both on its default ExCA preset and on ``all`` (every layer Train LoRA
 trains), and file sizes are also compared against the core LoRA's tensors restricted to the ExCA layers.
 
-    /root/ComfyUI/.venv/bin/python benchmarks/bench_train.py [--comfyui PATH] [--steps 12] [--res 16]
+    /root/ComfyUI/.venv/bin/python benchmarks/bench_train.py [--comfyui PATH] [--steps 16] [--res 16]
     /root/ComfyUI/.venv/bin/python benchmarks/bench_train.py --init-study [--steps 60]
 
 ``--init-study`` compares B initialisations (small_sv / random / top_sv): the model's output change at
@@ -159,8 +159,10 @@ def worker(cfg: dict) -> dict:
     tmp = tempfile.mkdtemp()
     if cfg["kind"] == "core":
         import safetensors.torch
+        # what the core Save LoRA node writes, at its default lora_dtype bf16 (2 bytes, like PaRa's fp16 bases)
+        lora = {k: v.to(torch.bfloat16) for k, v in lora.items()}
         path = os.path.join(tmp, "lora.safetensors")
-        safetensors.torch.save_file(lora, path)  # exactly what the core Save LoRA node writes
+        safetensors.torch.save_file(lora, path)
         out["file_bytes"] = os.path.getsize(path)
         from importlib import import_module
         _import_pack()
@@ -227,7 +229,7 @@ def init_study_worker(cfg: dict) -> dict:
     # step 0: the PaRa as initialised, applied as patches
     with torch.inference_mode(False):
         cands = nt._candidates(model.model)
-        p = targets.plan({n: m.weight.shape[0] for n, m in cands.items()}, "ExCA", cfg["rank"], 0.025)
+        p = targets.plan({n: m.weight.shape[0] for n, m in cands.items()}, "ExCA", cfg["rank"], 0.025, exclude=cfg["exclude"])
         net = layer_mod.ParaNetwork.from_weights({n: cands[n].weight.detach().clone() for n in p.ranks}, p.ranks, cfg["init"], cfg["seed"])
         para0 = net.to_para_model({}, dtype=torch.float32)
     with torch.inference_mode():
@@ -240,7 +242,7 @@ def init_study_worker(cfg: dict) -> dict:
                                      grad_accumulation_steps=[1], steps=[cfg["steps"]], learning_rate=[cfg["lr"]], rank=[cfg["rank"]],
                                      optimizer=["AdamW"], loss_function=["MSE"], seed=[cfg["seed"]], training_dtype=["fp32"],
                                      gradient_checkpointing=[False], targets=["ExCA"], rank_boundary=[0.025],
-                                     loss_space=["prediction"], init=[cfg["init"]])
+                                     loss_space=["prediction"], init=[cfg["init"]], exclude=[cfg["exclude"]])
     out["trained_eval_loss"] = eval_loss(res[0])
     losses = res[2]["loss"]
     k = max(1, len(losses) // 10)
@@ -315,14 +317,14 @@ def main_init_study(a) -> int:
     for init in ("small_sv", "random", "top_sv"):
         for seed in range(a.seeds):
             cfg = dict(comfyui=a.comfyui, model_file=model_file, steps=a.steps, res=a.res, images=4, batch=a.batch,
-                       rank=a.rank, lr=a.lr, init=init, seed=seed, threads=a.threads)
+                       rank=a.rank, lr=a.lr, init=init, seed=seed, threads=a.threads, exclude=a.exclude)
             r = _run_worker(cfg, "init-worker")
             rows.append(r)
             print(f"{init:9s} seed {seed}: step-0 output change {r['step0_output_change'] * 100:6.2f} %  eval loss "
                   f"base {r['base_eval_loss']:.4f} step0 {r['step0_eval_loss']:.4f} after {a.steps} steps "
                   f"{r['trained_eval_loss']:.4f}  (train loss first/last tenth {r['train_loss_first_tenth']:.3f}/"
                   f"{r['train_loss_last_tenth']:.3f})", flush=True)
-    print(f"\nmeans over {a.seeds} seeds (ExCA, rank {a.rank}, lr {a.lr}, {a.steps} steps, {a.res}x{a.res}, batch {a.batch}):")
+    print(f"\nmeans over {a.seeds} seeds (ExCA{' -exclude ' + a.exclude if a.exclude else ''}, rank {a.rank}, lr {a.lr}, {a.steps} steps, {a.res}x{a.res}, batch {a.batch}):")
     for init in ("small_sv", "random", "top_sv"):
         rs = [r for r in rows if r["init"] == init]
         print(f"  {init:9s} step-0 change {statistics.mean(r['step0_output_change'] for r in rs) * 100:6.2f} %   "
@@ -339,11 +341,14 @@ def main() -> int:
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--no-checkpointing", action="store_true")
-    ap.add_argument("--threads", type=int, default=max(1, min(os.cpu_count() or 1, 16)))
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads per run (default 1: on a small shared CPU, OpenMP threads that spin-wait for a busy "
+                         "core make multi-thread step times swing by 10-20x between runs)")
     ap.add_argument("--json", help="also write the raw results here")
     ap.add_argument("--init-study", action="store_true")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--exclude", default="", help="--init-study: exclude these layers from ExCA (regex)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--init-worker", help=argparse.SUPPRESS)
     ap.add_argument("--make-model", help=argparse.SUPPRESS)
@@ -363,7 +368,7 @@ def main() -> int:
     if a.init_study:
         a.steps = a.steps or 60
         return main_init_study(a)
-    a.steps = a.steps or 12
+    a.steps = a.steps or 16
     return main_bench(a)
 
 

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -410,7 +408,6 @@ class Trainer:
         self.loss_map: dict[str, list[float]] = {"loss": []}
         self.previews: list[torch.Tensor] = []
         self.saved: list[str] = []
-        self.step_times: list[float] = []
 
     # -- setup --
     def _existing(self) -> tuple[ParaModel | None, int, dict | None]:
@@ -504,19 +501,19 @@ class Trainer:
                 conds[gi] = _own_conds(c["positive"])
             weights = torch.tensor([float(len(g.index)) for g in groups])
 
-            detach = network.attach(candidates, _comfy_weight_of, _comfy_bias_of)
-            restore_ckpt = (_enable_checkpointing(_checkpoint_units(base.diffusion_model))
-                            if cfg.gradient_checkpointing else (lambda: None))
-            mp.pre_run()
             t_opts = dict(mp.model_options.get("transformer_options", {}))
             total = start_step + cfg.steps
-            pbar = comfy.utils.ProgressBar(cfg.steps, node_id=self.node_id)
-            bar = tqdm(total=cfg.steps, desc="Training PaRa", disable=not comfy.utils.PROGRESS_BAR_ENABLED)
             autocast = torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
-            previewer = _previewer(base) if cfg.preview_every > 0 and self.vae is None else None
-            try:
+            detach = restore_ckpt = bar = None
+            try:  # from here on the shared torch model is modified (forward wrappers): always undo in finally
+                detach = network.attach(candidates, _comfy_weight_of, _comfy_bias_of)
+                if cfg.gradient_checkpointing:
+                    restore_ckpt = _enable_checkpointing(_checkpoint_units(base.diffusion_model))
+                mp.pre_run()
+                previewer = _previewer(base) if cfg.preview_every > 0 and self.vae is None else None
+                pbar = comfy.utils.ProgressBar(cfg.steps, node_id=self.node_id)
+                bar = tqdm(total=cfg.steps, desc="Training PaRa", disable=not comfy.utils.PROGRESS_BAR_ENABLED)
                 for step in range(start_step, total):
-                    t0 = time.perf_counter()
                     micro_losses = []
                     for j in range(cfg.grad_accumulation_steps):
                         comfy.model_management.throw_exception_if_processing_interrupted()
@@ -546,7 +543,6 @@ class Trainer:
                     optimizer.zero_grad(set_to_none=True)
                     loss_value = sum(micro_losses) / len(micro_losses)
                     self.loss_map["loss"].append(loss_value)
-                    self.step_times.append(time.perf_counter() - t0)
                     done = step + 1
                     preview = None
                     if cfg.preview_every > 0 and (done % cfg.preview_every == 0 or done == total):
@@ -557,9 +553,12 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss_value:.4f}")
                     self._report(done - start_step, cfg.steps, done, total, loss_value, pbar, preview)
             finally:
-                bar.close()
-                restore_ckpt()
-                detach()
+                if bar is not None:
+                    bar.close()
+                if restore_ckpt is not None:
+                    restore_ckpt()
+                if detach is not None:
+                    detach()
                 mp.cleanup()
             network.requires_grad_(False)
             para = network.to_para_model(self._metadata(p, total, space))
@@ -688,7 +687,8 @@ class PaRaTrainer(io.ComfyNode):
                                         "names like diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k."),
                 io.String.Input("exclude", default="", optional=True,
                                 tooltip="Layers to leave out (regular expressions, comma or newline separated); wins over "
-                                        "the preset and include."),
+                                        "the preset and include. Tip for SD1.5/SDXL: ^diffusion_model\\.out\\. keeps the "
+                                        "4-channel output conv whole (rank 1 there removes a quarter of the latent space)."),
                 io.Combo.Input("existing_para", options=[NONE] + folder_paths.get_filename_list("para"), default=NONE,
                                optional=True,
                                tooltip="Continue training this PaRa file (its layers and ranks; the step count continues). "

@@ -27,6 +27,12 @@ every module with a ≥2-D weight (linear, conv, ...). Presets:
   Flux ``txt_attn``.
 * ``all`` - every candidate.
 
+Measured caveat (benchmarks/bench_train.py --init-study, tiny SD1.5): ExCA as the paper words it includes
+the UNet's output conv ``out.2``, whose 4 output channels get rank max(1, floor(γ·4)) = 1, so a quarter of
+the predicted latent space is removed at every pixel; excluding it (``exclude="^diffusion_model[.]out[.]"``)
+halved the loss reached in 60 steps (0.20 vs 0.38). The preset keeps the paper's wording; the Train PaRa
+tooltip suggests the pattern.
+
 Unknown layouts use generic name rules (``attn2``/``cross_attn`` = cross-attention, ``*_embed``/
 ``*_embedder``/``time_*``/``*modulation*`` = embeddings).
 
