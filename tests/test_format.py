@@ -77,7 +77,7 @@ def _write_raw(path, tensors, metadata=None):
 
 @pytest.mark.parametrize("tensors, meta, pattern", [
     ({"m.para_q": torch.randn(4, 2, 1)}, None, r"key 'm.para_q': expected a 2-D"),
-    ({"m.para_q": torch.randn(2, 3)}, None, r"key 'm.para_q': rank r=3 must be between 1 and out=2"),
+    ({"m.para_q": torch.randn(2, 3)}, None, r"key 'm.para_q': rank r=3 must be between 1 and 1 for out=2"),
     ({"m.para_q": torch.tensor([[1.0], [float("nan")]])}, None, r"key 'm.para_q': contains NaN"),
     ({"m.lora_up.weight": torch.randn(4, 2)}, None, r"key 'm.lora_up.weight': unknown suffix.*LoRA"),
     ({"m.para_x": torch.randn(4, 2)}, None, r"key 'm.para_x': unknown suffix"),
