@@ -193,7 +193,9 @@ def _tensor_info(path: str, name: str, v, data_len: int) -> TensorInfo:
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(x) and x >= 0 for x in offsets)):
         raise bad(f"data_offsets {json.dumps(offsets)[:60]} is not two non-negative integers")
     start, end = offsets
-    if start > end or end > data_len:
+    if start > end:
+        raise bad(f"data_offsets [{start}, {end}] end before they start")
+    if end > data_len:
         raise bad(f"data {start}..{end} lies beyond the file's {data_len} data bytes (truncated file?)")
     numel = 1
     for s in shape:
@@ -271,7 +273,8 @@ def check_output(path: str, force: bool = False) -> str:
             raise ParaError(f"{path}: exists and is not a regular file; not overwriting it")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise ParaError(f"{path}: cannot write: folder {folder} does not exist")
+        why = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise ParaError(f"{path}: cannot write: {folder} {why}")
     name = os.path.basename(path)
     try:
         name_max = os.pathconf(folder, "PC_NAME_MAX")
