@@ -204,7 +204,9 @@ def test_output_errors_name_the_output_not_the_input(world, tmp_path, command):
         assert line.startswith(f"para {command}: error: {out}: ") and expect in line, line
         assert ck not in line.split(": error: ", 1)[1].replace(out, ""), f"blames the input: {line}"
         assert sorted(os.listdir(tmp_path)) == before, f"left files: {set(os.listdir(tmp_path)) - set(before)}"
-        _record("cli", f"output {os.path.basename(out)[:40]}{' ' + ' '.join(extra) if extra else ''}", command, rc, line)
+        label = out if out.startswith("/proc") else os.path.relpath(out, tmp_path)
+        label = label if len(label) < 60 else f"{label[:20]}...({len(label)} chars)"
+        _record("cli", f"output {label}{' ' + ' '.join(extra) if extra else ''}", command, rc, line)
     with open(tmp_path / "existing.safetensors", "rb") as f:
         assert f.read() == b"keep"
 
