@@ -152,7 +152,7 @@ def build(folder: str, module: str = "diffusion_model.m", out: int = 8) -> list[
     header_case("offsets_reversed.safetensors", "end before they start", {key: {**ent, "data_offsets": [len(qb), 0]}}, key_=key)
     header_case("offsets_beyond.safetensors", "lies beyond the file", {key: {**ent, "data_offsets": [8, len(qb) + 8]}}, key_=key)
     key2 = f"{module}.para_q_1"
-    header_case("offsets_overlap.safetensors", f"overlaps key", {key: ent, key2: ent}, key_=key2)
+    header_case("offsets_overlap.safetensors", "overlaps key", {key: ent, key2: ent}, key_=key2)
     header_case("offsets_gap.safetensors", "a gap in the data", {key: {**ent, "data_offsets": [8, len(qb) + 8]}}, data=b"\0" * 8 + qb, key_=key)
     header_case("trailing_bytes.safetensors", "trailing bytes", {key: ent}, data=qb + b"\0" * 16)
     # ---- truncations of a valid file ----
