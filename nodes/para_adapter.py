@@ -301,36 +301,6 @@ def _key_name(target) -> str:
     return key if offset is None else f"{key}[{offset[1]}:{offset[1] + offset[2]}]"
 
 
-def chain_factors(stages: list[torch.Tensor], w0: torch.Tensor | None, up: torch.Tensor | None, down: torch.Tensor | None,
-                  alpha_para: float, alpha_lora: float, mode: str, what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U, D) with ΔW = U@D for one weight; para_core.combine_factors for the single-stage case.
-
-    * LoRA only: α2²·BA (both modes: no PaRa term).
-    * multi-stage PaRa (a sequential merge), `stacked`: the chain applied to W0 with strength α1² per
-      stage, as factors [-α1Q_1 | ... | -α1Q_k | α2B]·[α1Q_1ᵀW_0 ; ... ; α1Q_kᵀW_{k-1} ; α2A]; with no
-      LoRA on the weight the B/A blocks are left out. `product` needs one basis.
-    """
-    if not stages:
-        return alpha_lora * up.reshape(up.shape[0], -1), alpha_lora * down.reshape(down.shape[0], -1)
-    if len(stages) == 1 and up is not None:
-        return combine_factors(stages[0], w0, up, down, alpha_para, alpha_lora, mode, what=what)
-    if len(stages) > 1 and up is not None and mode == "product":
-        raise ParaError(f"{what}: mode 'product' needs a single PaRa basis, this PaRa is a sequential merge of "
-                        f"{len(stages)} stages; use mode 'stacked' or merge with mode 'union'")
-    ups, downs = [], []
-    cur = w0.reshape(w0.shape[0], -1).to(torch.float32, copy=True)
-    for q in stages:
-        q = q.to(torch.float32)
-        d = q.T @ cur
-        ups.append(-alpha_para * q)
-        downs.append(alpha_para * d)
-        cur.addmm_(q, d, alpha=-alpha_para * alpha_para)
-    if up is not None:
-        ups.append(alpha_lora * up.reshape(up.shape[0], -1))
-        downs.append(alpha_lora * down.reshape(down.shape[0], -1))
-    return torch.cat(ups, 1), torch.cat(downs, 0)
-
-
 def apply_para_lora(para: ParaModel, lora_sd: dict[str, torch.Tensor], lora_source: str, model, clip,
                     alpha_para: float, alpha_lora: float, mode: str):
     """Clone model/clip and add one FactorAdapter per weight touched by the PaRa or the LoRA."""
@@ -357,8 +327,8 @@ def apply_para_lora(para: ParaModel, lora_sd: dict[str, torch.Tensor], lora_sour
             module = para_by_target.get(target)
             stages = para.stages[module] if module is not None else []
             up, down = factors.get(target, (None, None))
-            u, d = chain_factors(stages, w0s.get(target), up, down, alpha_para, alpha_lora, mode,
-                                 what=f"{para.source} + {lora_source}: {_key_name(target)}")
+            u, d = combine_factors(stages, w0s.get(target), up, down, alpha_para, alpha_lora, mode,
+                                   what=f"{para.source} + {lora_source}: {_key_name(target)}")
             patches[target] = FactorAdapter(u, d)
             stats["both" if stages and up is not None else "para" if stages else "lora"] += 1
         if not patches:

@@ -4,6 +4,12 @@ W = W0 - s·Q(QᵀW0) with Q an orthonormal basis of a learned B (out x r).
 """
 __version__ = "0.1.0"
 
+import warnings  # noqa: E402
+
+# torch's CPU wheels do not install numpy, which para_core does not need; torch then warns on import
+# ("Failed to initialize NumPy"), which would be a second line on every `para` error.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+
 from .basis import orthonormal_basis, orthonormality_error, principal_angle_cosines, span_union  # noqa: E402
 from .errors import ParaError, ParaFormatError, ParaRankError, ParaShapeError  # noqa: E402
 from .format import MatchReport, ParaModel, match_modules  # noqa: E402

@@ -119,7 +119,9 @@ def bake(ckpt_path: str, paras: list[ParaModel], out_path: str, strength: float 
          progress: Callable[[int, int], None] | None = None) -> MatchReport:
     """Write a full checkpoint with the PaRa models applied in order (a sequential chain).
 
-    Streams tensor by tensor; untouched tensors are copied unchanged; the output appears only when complete.
+    Streams tensor by tensor; untouched tensors are copied unchanged (same dtype, same bytes); edited ones are
+    computed in float32 and rounded once to their own dtype. The output's tensors are laid out aligned (element
+    size descending, then name: see safetensors_io.data_order); it appears only when complete.
     Returns the match report of the last PaRa model (all are validated before anything is written).
     """
     edits, infos = _edits_by_key(paras, ckpt_path)

@@ -1,14 +1,16 @@
 """`para` — inspect, bake, export, merge and compare PaRa files without ComfyUI.
 
 Every failure the user can cause (missing or corrupt file, a PaRa that does not fit, a full disk)
-prints one line and exits non-zero; `--debug` shows the traceback. Outputs are written to a temp file
-and renamed only when complete.
+prints one line and exits 1; `--debug` shows the traceback. Outputs are written to a temp file
+and renamed only when complete; SIGINT, SIGTERM and SIGHUP remove the temp file (exit 128 + signal).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -17,9 +19,10 @@ import torch
 
 from . import __version__
 from .checkpoint import bake, export_lora, match_checkpoint
-from .errors import ParaError
+from .errors import ParaError, one_line
 from .format import STORAGE_DTYPES, ParaModel
 from .merge import MERGE_MODES, merge, subspace_overlap
+from .safetensors_io import check_output
 
 log = logging.getLogger("para")
 
@@ -77,8 +80,9 @@ def cmd_inspect(a) -> int:
 
 
 def _check_out(a) -> None:
-    if os.path.exists(a.output) and not a.force:
-        raise ParaError(f"{a.output}: already exists (use --force to overwrite)")
+    """Refuse a bad output path (a directory, an existing file without --force, a missing folder, a name
+    too long) before reading anything."""
+    check_output(a.output, a.force)
 
 
 def cmd_bake(a) -> int:
@@ -187,21 +191,64 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Terminated(BaseException):
+    """SIGTERM / SIGHUP as an exception, so `finally` and atomic_output's cleanup run (like SIGINT's
+    KeyboardInterrupt). A BaseException: no `except Exception` on the way swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_raise():
+    """While the command runs, SIGTERM and SIGHUP raise _Terminated; the previous handlers come back after.
+
+    After the first signal both are ignored until the cleanup is done. Only possible in the main thread
+    (signal.signal's rule); elsewhere the handlers are left alone.
+    """
+    sigs = [getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+
+    def handler(signum, _frame):
+        for s in sigs:
+            signal.signal(s, signal.SIG_IGN)
+        raise _Terminated(signum)
+    old = {}
+    try:
+        for s in sigs:
+            old[s] = signal.signal(s, handler)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _error_line(e: BaseException) -> str:
+    if isinstance(e, ParaError):
+        return str(e)
+    return one_line(f"{getattr(e, 'filename', '') or ''}: {e.strerror or e}".lstrip(": "))
+
+
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        with torch.no_grad():
+        with _signals_raise(), torch.no_grad():
             return a.func(a)
     except (ParaError, OSError) as e:
         if a.debug:
             raise
-        msg = str(e) if isinstance(e, ParaError) else f"{getattr(e, 'filename', '') or ''}: {e.strerror or e}".lstrip(": ")
-        print(f"para {a.command}: error: {msg}", file=sys.stderr)
+        print(f"para {a.command}: error: {_error_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"para {a.command}: interrupted", file=sys.stderr)
+        print(f"para {a.command}: interrupted, nothing written", file=sys.stderr)
         return 130
+    except _Terminated as e:
+        print(f"para {a.command}: terminated by {signal.Signals(e.signum).name}, nothing written", file=sys.stderr)
+        return 128 + e.signum
 
 
 if __name__ == "__main__":

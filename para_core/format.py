@@ -8,6 +8,10 @@ One .safetensors file. For a module with ComfyUI-native path M (``diffusion_mode
 * ``M.para_q_1``, ``M.para_q_2``, ... further *stages* of a sequential merge, applied in order
   after ``M.para_q`` (stage 0): W_k = W_{k-1} - Q_k Q_kᵀ W_{k-1}.
 
+Each tensor is 2-D, floating point (fp8 is upcast to float32 when read), finite, full rank, with
+1 <= r <= out - 1 (r = 1 for out = 1): r = out would project the whole output space away and zero
+the layer, so such files are refused (see `max_rank`).
+
 Header metadata: ``format=para``, ``para_version=1``, ``rank``, ``stages``, and optionally
 ``base_model``, ``targets``, ``merge_mode``, ``training`` (JSON).
 
@@ -106,6 +110,25 @@ class ParaModel:
         return f"ParaModel({len(self.stages)} modules, rank {self.rank_summary()}, {self.max_stages()} stage(s), {self.source})"
 
 
+def max_rank(out: int) -> int:
+    """Largest rank a basis of a layer with `out` output rows may have: out - 1 (1 for out = 1).
+
+    r = out spans the whole output space, so W - QQᵀW = 0: the layer would output nothing (bias aside)
+    however the subspace was learned. The trainer never makes one (it caps at out - 1), and files
+    that have one are refused with the same bound, so every path (loader, bake, merge) agrees.
+    """
+    return max(1, out - 1)
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """fp8 (and any other storage-only float) -> float32 for validation and QR; fp16/bf16/fp32/fp64 as they are.
+
+    A ``para_q``/``para_b`` stored in F8_E4M3 or F8_E5M2 is read like any other B: upcast exactly to
+    float32, checked for NaN/Inf, orthonormalised (its 3-bit mantissa is far from orthonormal).
+    """
+    return t if t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else t.to(torch.float32)
+
+
 def _standard_metadata(tensors: dict[str, torch.Tensor], extra: dict[str, str]) -> dict[str, str]:
     ranks = sorted({t.shape[1] for t in tensors.values()})
     stages = 1
@@ -144,9 +167,12 @@ def _parse_and_validate(tensors: dict[str, torch.Tensor], metadata: dict[str, st
             raise ParaFormatError(f"{source}: key '{key}': dtype {t.dtype} is not a floating-point type")
         if t.ndim != 2:
             raise ParaFormatError(f"{source}: key '{key}': expected a 2-D (out x r) basis, got shape {tuple(t.shape)}")
-        if t.shape[1] > t.shape[0] or t.shape[1] == 0:
-            raise ParaFormatError(f"{source}: key '{key}': rank r={t.shape[1]} must be between 1 and out={t.shape[0]} (shape {tuple(t.shape)})")
-        if not torch.isfinite(t).all():
+        out, r = t.shape
+        if r == 0 or r > max_rank(out):
+            why = "; r = out would remove every output direction (the layer's output would be zero)" if r == out else ""
+            raise ParaFormatError(f"{source}: key '{key}': rank r={r} must be between 1 and {max_rank(out)} for out={out} "
+                                  f"(shape {tuple(t.shape)}){why}")
+        if not torch.isfinite(_upcast(t)).all():
             raise ParaFormatError(f"{source}: key '{key}': contains NaN or Inf values (shape {tuple(t.shape)})")
         stage = int(m["stage"] or 0)
         slot = found.setdefault(m["module"], {})
@@ -166,7 +192,7 @@ def _parse_and_validate(tensors: dict[str, torch.Tensor], metadata: dict[str, st
                 raise ParaFormatError(f"{source}: key '{key}': shape {tuple(tensors[key].shape)} does not match stage 0's output dim {first.shape[0]}")
             order.append((module, key))
     try:
-        bases = orthonormal_bases([tensors[k] for _, k in order], [f"{source}: key '{k}'" for _, k in order])
+        bases = orthonormal_bases([_upcast(tensors[k]) for _, k in order], [f"{source}: key '{k}'" for _, k in order])
     except ParaError as e:
         raise ParaFormatError(str(e)) from None
     stages: dict[str, list[torch.Tensor]] = {}

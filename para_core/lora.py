@@ -39,25 +39,33 @@ def chain_factors(stages: list[torch.Tensor], w0: torch.Tensor, up_scale: float 
     return torch.cat(ups, 1), torch.cat(downs, 0)
 
 
-def combine_factors(q: torch.Tensor | list[torch.Tensor], w0: torch.Tensor, lora_up: torch.Tensor | None,
+def combine_factors(q: torch.Tensor | list[torch.Tensor], w0: torch.Tensor | None, lora_up: torch.Tensor | None,
                     lora_down: torch.Tensor | None, alpha_para: float = 1.0, alpha_lora: float = 1.0,
                     mode: str = "stacked", compute_dtype: torch.dtype = torch.float32,
                     what: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
     """(U, D), U: out x k, D: k x (in·kh·kw), with ΔW = U @ D as defined by `mode`.
 
+    The one implementation of PaRa + LoRA (the CLI, the API and the PaRa + LoRA node all call it).
     `q` may be a list of stages (a sequential merge): `stacked` then applies the chain with strength
     α1² per stage before adding α2²·BA; `product` needs a single basis. With no LoRA on this weight
-    (lora_up None) both modes reduce to the PaRa term -α1²·QQᵀW0.
+    (lora_up None) both modes reduce to the PaRa term -α1²·QQᵀW0; with no PaRa stages (q an empty
+    list; w0 may then be None) both reduce to the LoRA term α2²·BA.
     """
     if mode not in COMBINE_MODES:
         raise ValueError(f"unknown combine mode '{mode}' (expected one of {', '.join(COMBINE_MODES)})")
     stages = list(q) if isinstance(q, (list, tuple)) else [q]
-    out = w0.shape[0]
     if lora_up is not None:
-        up = lora_up.to(device=w0.device, dtype=compute_dtype).reshape(lora_up.shape[0], -1)
-        down = lora_down.to(device=w0.device, dtype=compute_dtype).reshape(lora_down.shape[0], -1)
-        if up.shape[0] != out or down.shape[1] != w0[0].numel() or up.shape[1] != down.shape[0]:
-            raise ParaShapeError(f"{what}: LoRA up {tuple(lora_up.shape)} / down {tuple(lora_down.shape)} do not fit weight {tuple(w0.shape)}")
+        device = w0.device if w0 is not None else lora_up.device
+        up = lora_up.to(device=device, dtype=compute_dtype).reshape(lora_up.shape[0], -1)
+        down = lora_down.to(device=device, dtype=compute_dtype).reshape(lora_down.shape[0], -1)
+        if up.shape[1] != down.shape[0] or (w0 is not None and (up.shape[0] != w0.shape[0] or down.shape[1] != w0[0].numel())):
+            raise ParaShapeError(f"{what}: LoRA up {tuple(lora_up.shape)} / down {tuple(lora_down.shape)} do not fit weight "
+                                 f"{tuple(w0.shape) if w0 is not None else '(unknown)'}")
+        if not stages:
+            return alpha_lora * up, alpha_lora * down
+    elif not stages:
+        raise ValueError(f"{what}: neither PaRa stages nor a LoRA to combine")
+    out = w0.shape[0]
     if mode == "product" and lora_up is not None:
         if len(stages) != 1:
             raise ParaShapeError(f"{what}: mode 'product' needs a single PaRa basis, this PaRa is a sequential merge of "
@@ -70,11 +78,9 @@ def combine_factors(q: torch.Tensor | list[torch.Tensor], w0: torch.Tensor, lora
                                  "use mode 'stacked' for different ranks")
         qtw = qc.T @ w0.to(compute_dtype).reshape(out, -1)
         return -alpha_para * qc + alpha_lora * up, alpha_para * qtw + alpha_lora * down
-    ups, downs = chain_factors(stages, w0, alpha_para, alpha_para, compute_dtype, what) if stages else (None, None)
+    ups, downs = chain_factors(stages, w0, alpha_para, alpha_para, compute_dtype, what)
     if lora_up is None:
         return ups, downs
-    if ups is None:
-        return alpha_lora * up, alpha_lora * down
     return torch.cat([ups, alpha_lora * up], dim=1), torch.cat([downs, alpha_lora * down], dim=0)
 
 

@@ -18,7 +18,7 @@ import torch
 
 from .basis import principal_angle_cosines, span_union
 from .errors import ParaShapeError
-from .format import ParaModel
+from .format import ParaModel, max_rank
 
 MERGE_MODES = ("sequential", "union")
 
@@ -60,7 +60,15 @@ def merge_sequential(models: list[ParaModel], dtype: torch.dtype = torch.float16
 def merge_union(models: list[ParaModel], dtype: torch.dtype = torch.float16) -> ParaModel:
     """One basis per module spanning every stage of every model (order-independent)."""
     gathered = _gather(models)
-    return ParaModel.from_bases({k: [span_union(v)] for k, v in gathered.items()}, _shared_metadata(models, "union"), dtype=dtype)
+    union = {}
+    for module, chain in gathered.items():
+        q = span_union(chain)
+        out = q.shape[0]
+        if q.shape[1] > max_rank(out):
+            raise ParaShapeError(f"module '{module}': the union of {' + '.join(m.source for m in models)} has rank {q.shape[1]} "
+                                 f"for out={out}, which would remove every output direction; use mode 'sequential'")
+        union[module] = [q]
+    return ParaModel.from_bases(union, _shared_metadata(models, "union"), dtype=dtype)
 
 
 def merge(models: list[ParaModel], mode: str = "sequential", dtype: torch.dtype = torch.float16) -> ParaModel:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .format import ParaModel
+from .format import ParaModel, max_rank
 
 
 def _linear(sd, name, out, inp, g, bias=True):
@@ -161,7 +161,7 @@ def sdxl_text_checkpoint(dtype: torch.dtype = torch.float16, seed: int = 0) -> d
 
 def random_para(shapes: dict[str, int], rank: int, seed: int = 0, dtype: torch.dtype = torch.float16,
                 metadata: dict[str, str] | None = None) -> ParaModel:
-    """A PaRa model with random subspaces for the given {module: out_dim}."""
+    """A PaRa model with random subspaces for the given {module: out_dim}, rank capped at max_rank(out)."""
     g = torch.Generator().manual_seed(seed)
-    bases = {m: [torch.linalg.qr(torch.randn(out, min(rank, out), generator=g))[0]] for m, out in shapes.items()}
+    bases = {m: [torch.linalg.qr(torch.randn(out, min(rank, max_rank(out)), generator=g))[0]] for m, out in shapes.items()}
     return ParaModel.from_bases(bases, metadata, dtype=dtype)

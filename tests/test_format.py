@@ -77,7 +77,7 @@ def _write_raw(path, tensors, metadata=None):
 
 @pytest.mark.parametrize("tensors, meta, pattern", [
     ({"m.para_q": torch.randn(4, 2, 1)}, None, r"key 'm.para_q': expected a 2-D"),
-    ({"m.para_q": torch.randn(2, 3)}, None, r"key 'm.para_q': rank r=3 must be between 1 and out=2"),
+    ({"m.para_q": torch.randn(2, 3)}, None, r"key 'm.para_q': rank r=3 must be between 1 and 1 for out=2"),
     ({"m.para_q": torch.tensor([[1.0], [float("nan")]])}, None, r"key 'm.para_q': contains NaN"),
     ({"m.lora_up.weight": torch.randn(4, 2)}, None, r"key 'm.lora_up.weight': unknown suffix.*LoRA"),
     ({"m.para_x": torch.randn(4, 2)}, None, r"key 'm.para_x': unknown suffix"),
@@ -174,3 +174,133 @@ def test_match_report_is_one_summary(gen):
     assert "2 matched" in s and "2 not in the model" in s and "2 shape mismatches" in s and "(16, 3) vs weight out-dim 8" in s
     with pytest.raises(ParaError, match="does not fit"):
         rep.raise_if_bad()
+
+
+def _mixed_tensors(gen):
+    """Every dtype the writer supports, with sizes that misalign any name-ordered layout."""
+    ts = {
+        "a_u8": torch.randint(0, 255, (3,), generator=gen, dtype=torch.uint8),
+        "b_f64": torch.randn(5, generator=gen, dtype=torch.float64),
+        "c_f16": torch.randn(3, generator=gen).half(),
+        "d_f32": torch.randn(7, 1, generator=gen),
+        "e_bool": torch.tensor([True, False, True]),
+        "f_bf16": torch.randn(1, 5, generator=gen).bfloat16(),
+        "g_i64": torch.randint(-9, 9, (3,), generator=gen),
+        "h_i8": torch.randint(-9, 9, (1,), generator=gen, dtype=torch.int8),
+        "i_i32": torch.randint(-9, 9, (2,), generator=gen, dtype=torch.int32),
+        "j_fp8": torch.randn(3, generator=gen).to(torch.float8_e4m3fn),
+        "k_i16": torch.randint(-9, 9, (3,), generator=gen, dtype=torch.int16),
+        "l_empty": torch.zeros(0, 4),
+        "m_scalar": torch.tensor(2.5, dtype=torch.float64),
+    }
+    return ts
+
+
+def test_mixed_dtype_file_is_aligned_and_read_by_the_safetensors_library(tmp_path, gen):
+    from safetensors import safe_open
+    ts = _mixed_tensors(gen)
+    path = tmp_path / "mixed.safetensors"
+    safetensors_io.save_file(ts, str(path), {"b": "2", "a": "1"})
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    assert (8 + n) % 8 == 0
+    header = json.loads(raw[8:8 + n])
+    size = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1, "F8_E4M3": 1}
+    offsets = {k: v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+    for k, start in offsets.items():
+        assert start % size[header[k]["dtype"]] == 0, (k, header[k])
+    # data order: element size descending, then name (the safetensors library's order)
+    order = sorted(offsets, key=lambda k: (offsets[k], header[k]["data_offsets"][1]))
+    assert [k for k in order if ts[k].numel()] == sorted((k for k in ts if ts[k].numel()), key=lambda k: (-ts[k].element_size(), k))
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {"a": "1", "b": "2"}
+        for k, t in ts.items():
+            got = f.get_tensor(k)
+            assert got.dtype == t.dtype and got.shape == t.shape, k
+            assert bytes(safetensors_io.tensor_bytes(got)) == bytes(safetensors_io.tensor_bytes(t)), k
+    # byte-exact round trip through our reader and writer, and to_bytes is the file
+    back, meta = safetensors_io.load_file(str(path))
+    again = tmp_path / "again.safetensors"
+    safetensors_io.save_file(back, str(again), meta)
+    assert again.read_bytes() == raw == safetensors_io.to_bytes(ts, {"a": "1", "b": "2"})
+
+
+def test_tensor_bytes_without_numpy_matches_the_values(gen):
+    t = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float32)
+    assert bytes(safetensors_io.tensor_bytes(t)) == struct.pack("<3f", 1.0, -2.0, 0.5)
+    nc = torch.arange(12, dtype=torch.int16).reshape(3, 4).T  # non-contiguous view
+    assert bytes(safetensors_io.tensor_bytes(nc)) == struct.pack("<12h", *nc.contiguous().reshape(-1).tolist())
+    view = safetensors_io.tensor_bytes(torch.ones(4) * 3)  # the temporary must stay alive through the view
+    assert bytes(view) == struct.pack("<4f", 3, 3, 3, 3)
+
+
+def test_header_checks_name_file_and_key(tmp_path):
+    """The checks the safetensors library makes (and one it does not) give our one-line message, not its."""
+    key = "diffusion_model.x.para_q"
+
+    def raw(name, header, data):
+        h = json.dumps(header).encode()
+        h += b" " * (-len(h) % 8)
+        p = tmp_path / name
+        p.write_bytes(struct.pack("<Q", len(h)) + h + data)
+        return str(p)
+    ent = {"dtype": "F32", "shape": [4, 1], "data_offsets": [0, 16]}
+    for name, header, data, pattern in [
+        ("overlap.safetensors", {key: ent, key + "_1": ent}, b"\0" * 16, f"key '{key}_1': data 0..16 overlaps key '{key}'"),
+        ("gap.safetensors", {key: {**ent, "data_offsets": [4, 20]}}, b"\0" * 20, "a gap in the data"),
+        ("size.safetensors", {key: {**ent, "shape": [4, 2]}}, b"\0" * 16, r"shape \(4, 2\) of F32 needs 32 bytes, the header gives 16"),
+        ("meta.safetensors", {"__metadata__": [1], key: ent}, b"\0" * 16, "__metadata__ is a JSON list"),
+        ("metaval.safetensors", {"__metadata__": {"rank": 4}, key: ent}, b"\0" * 16, "__metadata__ key 'rank': value is a JSON int"),
+        ("dtype.safetensors", {key: {**ent, "dtype": "Q7"}}, b"\0" * 16, "unknown or unsupported dtype"),
+    ]:
+        p = raw(name, header, data)
+        with pytest.raises(ParaFormatError, match=pattern) as e:
+            ParaModel.load(p)
+        assert str(e.value).startswith(p + ": ")
+
+
+def test_fifo_and_directories_are_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "f.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(ParaError, match="is a FIFO"):
+        safetensors_io.read_header(str(fifo))  # would block forever in open() without the regular-file check
+    with pytest.raises(ParaError, match="is a directory"):
+        ParaModel.load(str(tmp_path))
+    loop = tmp_path / "loop.safetensors"
+    os.symlink(loop.name, loop)
+    with pytest.raises(ParaError, match="symbolic link loop"):
+        ParaModel.load(str(loop))
+
+
+def test_rank_equal_to_out_is_refused_everywhere(tmp_path, gen):
+    """r = out would zero the layer: refused on load, on construction, and as the result of a union merge."""
+    q = orth64(4, 4, gen).float()
+    with pytest.raises(ParaFormatError, match=r"rank r=4 must be between 1 and 3 for out=4 .*every output direction"):
+        ParaModel({"diffusion_model.x.para_q": q})
+    a = ParaModel({"diffusion_model.x.para_q": q[:, :2].contiguous()}, source="a.safetensors")
+    b = ParaModel({"diffusion_model.x.para_q": q[:, 2:].contiguous()}, source="b.safetensors")
+    with pytest.raises(ParaError, match="union of a.safetensors \\+ b.safetensors has rank 4 for out=4"):
+        merge([a, b], "union")
+    assert merge([a, b], "sequential").ranks() == {"diffusion_model.x": [2, 2]}  # each stage is valid
+
+
+def test_fp8_bases_are_upcast(tmp_path, gen):
+    q = orth64(16, 3, gen).float()
+    p = ParaModel({"diffusion_model.x.para_q": q.to(torch.float8_e4m3fn)})
+    (got,) = p.stages["diffusion_model.x"]
+    assert got.dtype == torch.float32 and float((got.T @ got - torch.eye(3)).abs().max()) < 1e-6
+    # the fp8 rounding moves the span a little; the basis is the span of the stored values, not of q
+    stored = q.to(torch.float8_e4m3fn).double()
+    assert float((got.double() @ (got.double().T @ stored) - stored).abs().max()) < 1e-6
+    path = tmp_path / "fp8.safetensors"
+    p.save(str(path))
+    assert path.read_bytes() == ParaModel.load(str(path)).to_bytes()
+    assert p.orthonormality_errors()["diffusion_model.x.para_q"] > 1e-3  # what inspect reports for the stored tensor
+
+
+def test_messages_are_one_line_for_odd_names(tmp_path):
+    path = tmp_path / "a\nb\x1b.safetensors"
+    path.write_bytes(b"")
+    with pytest.raises(ParaFormatError) as e:
+        ParaModel.load(str(path))
+    assert "\n" not in str(e.value) and "a\\nb\\x1b.safetensors" in str(e.value)

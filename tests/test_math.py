@@ -284,3 +284,43 @@ def test_union_threshold_merges_only_near_identical_directions(gen):
         t = torch.tensor(deg * torch.pi / 180, dtype=torch.float64)
         v = torch.cos(t) * e[:, 0] + torch.sin(t) * e[:, 1]
         assert span_union([e[:, :1].float(), v[:, None].float()]).shape[1] == rank, deg
+
+
+@pytest.mark.parametrize("with_lora", [True, False])
+def test_chained_para_with_lora_and_alphas_against_float64(gen, with_lora):
+    """A sequential merge (2 stages whose subspaces overlap) + a LoRA, α1 = 0.7, α2 = 1.3, conv weight:
+    W2 = W1 - α1²·Q2Q2ᵀW1 with W1 = W0 - α1²·Q1Q1ᵀW0 (each stage acts on the running weight), plus α2²·BA.
+    The same function serves the CLI's export-lora and the PaRa + LoRA node."""
+    from para_core.lora import combine_factors
+    out = 12
+    w0 = torch.randn(out, 3, 2, 2, generator=gen, dtype=torch.float64)
+    q1 = orth64(out, 4, gen)
+    q2 = orth64(out, 3, gen)  # random: overlaps span(q1), so the order of the stages matters
+    b, a = torch.randn(out, 2, 1, 1, generator=gen, dtype=torch.float64), torch.randn(2, 3, 2, 2, generator=gen, dtype=torch.float64)
+    a1, a2 = 0.7, 1.3
+    w = w0.reshape(out, -1)
+    w1 = w - a1 ** 2 * q1 @ (q1.T @ w)
+    w2 = w1 - a1 ** 2 * q2 @ (q2.T @ w1)
+    ref = w2 - w + (a2 ** 2 * b.flatten(1) @ a.flatten(1) if with_lora else 0)
+    args = (b, a) if with_lora else (None, None)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        u, d = combine_factors([q1.to(dtype), q2.to(dtype)], w0.to(dtype), *(x.to(dtype) if x is not None else None for x in args),
+                               a1, a2, "stacked", compute_dtype=dtype)
+        assert u.shape == (out, 7 + (2 if with_lora else 0)) and d.shape == (u.shape[1], 12)
+        assert float((u.double() @ d.double() - ref).abs().max()) < tol * float(ref.abs().max()), dtype
+    # the factors are literally [-α1Q1 | -α1Q2 | α2B]·[α1Q1ᵀW0 ; α1Q2ᵀW1 ; α2A]
+    u, d = combine_factors([q1, q2], w0, *args, a1, a2, "stacked", compute_dtype=torch.float64)
+    assert torch.allclose(u[:, :4], -a1 * q1) and torch.allclose(d[4:7], a1 * q2.T @ w1)
+    parallel = -a1 ** 2 * (q1 @ (q1.T @ w) + q2 @ (q2.T @ w))  # both stages from W0: wrong when they overlap
+    assert float((parallel - (w2 - w)).abs().max()) > 1e-3 * float(w.abs().max())
+
+
+def test_combine_lora_only_and_product_needs_one_stage(gen):
+    from para_core.lora import combine_factors
+    b, a = torch.randn(8, 2, generator=gen), torch.randn(2, 5, generator=gen)
+    for mode in ("stacked", "product"):  # a weight with a LoRA and no PaRa: α2²·BA, no weight needed
+        u, d = combine_factors([], None, b, a, 0.5, 1.5, mode)
+        assert torch.allclose(u @ d, 2.25 * b @ a, atol=1e-6)
+    q = orth64(8, 2, gen).float()
+    with pytest.raises(ParaError, match="mode 'product' needs a single PaRa basis.*2 stages"):
+        combine_factors([q, q], torch.randn(8, 5), b, a, mode="product")
