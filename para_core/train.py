@@ -120,8 +120,10 @@ def prediction_scale(denoise: Callable[[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 def prediction_residual(x0_pred: torch.Tensor, x0: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """The float32 error the loss is taken of: x0 space (scale None) or prediction space ((x0_pred - x0)/c)."""
-    residual = x0_pred.float() - x0.float()
+    """The error the loss is taken of, in float32 (float64 if an input is): x0 space (scale None) or the
+    model's prediction space ((x0_pred - x0)/c, see `prediction_scale`)."""
+    dtype = torch.promote_types(torch.promote_types(x0_pred.dtype, x0.dtype), torch.float32)
+    residual = x0_pred.to(dtype) - x0.to(dtype)
     return residual if scale is None else residual / scale
 
 
@@ -224,7 +226,7 @@ class TrainingLoop:
 
     def _read(self, n: int) -> None:
         for t in self._pending[:n]:
-            values = t.float().cpu().tolist()
+            values = t.double().cpu().tolist()  # float32 losses are exact in float64
             self.losses.append(sum(values) / len(values))
         del self._pending[:n]
 
