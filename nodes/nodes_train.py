@@ -310,6 +310,15 @@ def _prediction_scale(model_sampling, sigma: torch.Tensor, ndim: int) -> torch.T
     return prediction_scale(model_sampling.calculate_denoised, sigma, ndim)
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> device without waiting for the device's queue: a blocking copy from pageable memory
+    synchronises the stream; from pinned memory the copy is queued (torch's pinned allocator keeps the
+    source alive until it is done)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _host_sampling(model_sampling):
     """A CPU copy of the model's sampling schedule for percent_to_sigma (which calls .item()): drawing σ
     on the host then costs no device synchronisation per step. The model's own object where it already
@@ -325,9 +334,10 @@ def _host_sampling(model_sampling):
 
 
 # ---- files ---------------------------------------------------------------------------------------------
-def _check_prefix(prefix: str, steps_digits: int) -> str:
-    """The output folder for `prefix`, checked before training: ComfyUI's own rule (inside the output
-    folder), no NUL, a real file name (not '', '.', '..'), names that fit NAME_MAX. One line naming it."""
+def _check_prefix(prefix: str, steps_digits: int) -> tuple[str, str]:
+    """(folder, file name) for `prefix` as ComfyUI's save nodes resolve it (%date% variables, sub-folders,
+    created if missing), checked before training: inside the output folder, no NUL, a real file name (not
+    '', '.', '..', not ending in a separator), names that fit NAME_MAX. One line naming the prefix."""
     bad = f"Train PaRa: filename_prefix {prefix!r}"
     if "\0" in prefix:
         raise ValueError(f"{bad} contains a NUL character")
@@ -339,10 +349,17 @@ def _check_prefix(prefix: str, steps_digits: int) -> str:
     folder = os.path.abspath(os.path.join(out_dir, os.path.dirname(norm)))
     if os.path.commonpath((os.path.abspath(out_dir), folder)) != os.path.abspath(out_dir):
         raise ValueError(f"{bad} points outside the output folder {out_dir}")
+    try:
+        folder, filename, _counter, _sub, _ = folder_paths.get_save_image_path(prefix, out_dir)
+    except Exception as e:  # its own refusal is a multi-line message; an OSError from creating the folder
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{bad} cannot be used: {first}") from None
     longest = f"{filename}_{'9' * steps_digits}_steps_99999_{STATE_SUFFIX}"
     if len(longest.encode("utf-8")) > NAME_MAX:
         raise ValueError(f"{bad}: file names would be {len(longest.encode('utf-8'))} bytes, the limit is {NAME_MAX}")
-    return folder
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{bad}: the folder {folder} is not writable")
+    return folder, filename
 
 
 def _free_name(folder: str, filename: str, step: int) -> str:
@@ -394,6 +411,7 @@ class Trainer:
         self.saved: list[str] = []
         self.notes: list[str] = []
         self.out_folder: str | None = None
+        self.out_name = ""
 
     # -- setup --
     def _existing(self) -> tuple[ParaModel | None, int, object]:
@@ -476,7 +494,7 @@ class Trainer:
         existing, start_step, state = self._existing()
         total = start_step + cfg.steps
         if cfg.save_every > 0:
-            self.out_folder = _check_prefix(cfg.filename_prefix, len(str(total)))
+            self.out_folder, self.out_name = _check_prefix(cfg.filename_prefix, len(str(total)))
         self.init_used = (parse_training_metadata(existing).get("init", "existing") if existing is not None else cfg.init)
         mp = self.model.clone()
         mp.set_model_compute_dtype(self.dtype)
@@ -524,10 +542,10 @@ class Trainer:
                     gi = int(torch.multinomial(group_weights, 1, generator=gen)) if len(groups) > 1 else 0
                     g = groups[gi]
                     pick = torch.randperm(len(g.index), generator=gen)[:cfg.batch_size].tolist()
-                    x0 = g.latents[pick]
-                    noise = torch.randn(x0.shape, generator=gen).to(device)
+                    x0 = g.latents.index_select(0, _to_device(torch.tensor(pick), device))
+                    noise = _to_device(torch.randn(x0.shape, generator=gen), device)
                     pct = torch.rand(len(pick), generator=gen).tolist()
-                    sigma = torch.tensor([float(host_ms.percent_to_sigma(v)) for v in pct]).to(device)
+                    sigma = _to_device(torch.tensor([float(host_ms.percent_to_sigma(v)) for v in pct]), device)
                     kw = _batch_conds([conds[gi][self.caption_of[g.index[i]]] for i in pick])
                     opts = dict(t_opts, sigmas=sigma, cond_or_uncond=[0] * len(pick))
                     with autocast:
@@ -588,8 +606,7 @@ class Trainer:
         """Write <prefix>_<step>_steps_<n>_.safetensors (Save LoRA's naming) and its sidecar, never overwriting."""
         para = network.to_para_model(self._metadata(p, done, space))
         os.makedirs(self.out_folder, exist_ok=True)
-        filename = os.path.basename(os.path.normpath(self.cfg.filename_prefix))
-        path = _free_name(self.out_folder, filename, done)
+        path = _free_name(self.out_folder, self.out_name, done)
         save_with_state(para, path, network, optimizer, self.loss_map["loss"], done, self.cfg.seed)
         self.saved.append(path)
         log.info("Train PaRa: step %d saved %s", done, path)
