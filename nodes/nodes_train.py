@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,26 +143,34 @@ def _alias(t: torch.Tensor) -> torch.Tensor:
     return a.set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
 
-def _alias_inference_tensors(model: torch.nn.Module) -> int:
-    """Put normal-tensor aliases in place of inference-tensor parameters and buffers (same storage).
+def _alias_inference_tensors(model: torch.nn.Module) -> Callable[[], None]:
+    """Put normal-tensor aliases in place of inference-tensor parameters and buffers (same storage);
+    returns the undo, which puts the original objects back.
 
     Backward through a frozen layer must save its weight, and inference tensors (what the executor's
     inference_mode loads) cannot be saved. An alias costs no memory and no copy, unlike identity weight
-    wrappers (a weight copy per forward). The originals are put back by `_SharedModel.restore`.
+    wrappers (a weight copy per forward).
     """
-    n = 0
+    swapped = []
     for m in model.modules():
         for name, p in list(m._parameters.items()):
             if p is not None and p.is_inference() and type(p.data) is torch.Tensor:
                 q = torch.nn.Parameter(_alias(p.detach()), requires_grad=False)
                 q.__dict__.update(p.__dict__)
                 m._parameters[name] = q
-                n += 1
+                swapped.append((m._parameters, name, p, q))
         for name, b in list(m._buffers.items()):
             if b is not None and b.is_inference() and type(b) is torch.Tensor:
-                m._buffers[name] = _alias(b)
-                n += 1
-    return n
+                a = _alias(b)
+                m._buffers[name] = a
+                swapped.append((m._buffers, name, b, a))
+    log.debug("Train PaRa: %d inference tensors aliased as normal tensors", len(swapped))
+
+    def undo() -> None:
+        for where, name, original, alias in reversed(swapped):
+            if where.get(name) is alias:
+                where[name] = original
+    return undo
 
 
 def _module_state(m: torch.nn.Module) -> dict:
@@ -508,7 +517,7 @@ class Trainer:
                 device = mp.load_device
                 config = getattr(base, "model_config", None)
                 self.base_model_name = type(config).__name__.lower() if config is not None else ""
-                log.debug("Train PaRa: %d inference tensors aliased as normal tensors", _alias_inference_tensors(base))
+                undo.append(_alias_inference_tensors(base))
                 candidates = _candidates(base)
                 network, p = self._network(candidates, existing, state)
                 network.to(device)

@@ -179,3 +179,55 @@ def test_training_leaves_the_input_model_as_it_was(comfy, sd15, input_para, prog
     g2.node("PreviewAny", source=ks.out(0))
     comfy.run(g2.finalize())
     assert torch.isfinite(comfy.output(ks.id, 0)["samples"]).all()
+
+
+def _sample(comfy, model, positive) -> torch.Tensor:
+    """One Euler step of ComfyUI's own KSampler path (nodes.common_ksampler), under the executor's inference mode."""
+    with torch.inference_mode():
+        latent = {"samples": torch.zeros(1, 4, 8, 8)}
+        out = comfy.nodes.common_ksampler(model, 5, 2, 1.0, "euler", "simple", positive, positive, latent, denoise=1.0)
+    return out[0]["samples"].clone()
+
+
+def test_model_loaded_with_other_patches_is_unloaded_cleanly(comfy, sd15, input_para, progress_hook):
+    """A clone with other patches (PaRa applied) sampled last, so its patches are in the shared weights; then
+    the plain model is trained. The model cannot be given back 'patched by someone else' consistently, so it
+    is unloaded as ComfyUI unloads on a model switch: base values, the original tensor objects (except where
+    ComfyUI's unpatch re-wraps a patched key), no cast flags, not in the loaded list - and the patched clone samples bit-identically to before the training."""
+    import comfy.model_management as mm
+    mm.unload_all_models()
+    base = sd15["model"]
+    with torch.inference_mode(False):
+        s0 = {n: (t, t.detach().clone()) for n, t in list(base.model.named_parameters()) + list(base.model.named_buffers())}
+    g = comfy.graph()
+    ck = g.node("CheckpointLoaderSimple", ckpt_name=sd15["ckpt"])
+    lo = g.node("PaRaLoader", model=ck.out(0), para_name="isolation_in.safetensors", strength_model=1.0, strength_clip=1.0)
+    te = g.node("CLIPTextEncode", clip=ck.out(1), text="a photo of sks")
+    g.node("PreviewAny", source=lo.out(0))
+    g.node("PreviewAny", source=te.out(0))
+    comfy.run(g.finalize())
+    patched, positive = comfy.output(lo.id, 0), comfy.output(te.id, 0)
+    before = _sample(comfy, patched, positive)
+    assert base.model.current_weight_patches_uuid == patched.patches_uuid != base.patches_uuid
+
+    g = comfy.graph()
+    ck = g.node("CheckpointLoaderSimple", ckpt_name=sd15["ckpt"])
+    te = g.node("CLIPTextEncode", clip=ck.out(1), text="a photo of sks")
+    lat = g.node("EmptyLatentImage", width=64, height=64, batch_size=2)
+    tr = g.node("PaRaTrainer", model=ck.out(0), latents=lat.out(0), positive=te.out(0), **dict(TRAIN, seed=77))
+    g.node("PreviewAny", source=tr.out(0))
+    calls = progress_hook()
+    comfy.run(g.finalize())
+    assert calls and comfy.output(ck.id, 0) is base
+
+    now = dict(list(base.model.named_parameters()) + list(base.model.named_buffers()))
+    assert now.keys() == s0.keys()
+    patched_keys = set(patched.patches)
+    assert len(patched_keys) == 3
+    for n, (t, bits) in s0.items():
+        # ComfyUI's own unpatch wraps the backed-up tensor of a patched key in a new Parameter: same values
+        assert (n in patched_keys or now[n] is t) and torch.equal(now[n], bits), n
+    assert _cast_flags(base) == 0 and base.model.current_weight_patches_uuid is None
+    assert not [lm for lm in mm.current_loaded_models if lm.model is not None and lm.model.model is base.model]
+    assert not [n for n, m in base.model.named_modules() if "forward" in m.__dict__]
+    assert torch.equal(_sample(comfy, patched, positive), before)
