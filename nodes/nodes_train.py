@@ -450,8 +450,10 @@ class Trainer:
                      path, os.path.basename(state_path(path)), self.cfg.optimizer)
         return para, steps, state
 
-    def _check_existing_fits(self, existing: ParaModel, out_dims: dict[str, int], weights: dict[str, tuple]) -> None:
-        """Before any step: every module of the file exists in the model, with B's row count = its output dim."""
+    def _check_existing_fits(self, existing: ParaModel, candidates: dict[str, torch.nn.Module]) -> None:
+        """Before loading: every module of the file exists in the model, with B's row count = its output dim."""
+        out_dims = {n: int(m.weight.shape[0]) for n, m in candidates.items()}
+        weights = {n: tuple(m.weight.shape) for n, m in candidates.items()}
         missing = [m for m in existing.stages if m not in out_dims]
         if missing:
             raise ValueError(f"Train PaRa: {existing.source}: {stage_key(missing[0], 0)} names a layer this model does not "
@@ -465,8 +467,7 @@ class Trainer:
     def _network(self, candidates: dict[str, torch.nn.Module], existing: ParaModel | None, state) -> tuple[ParaNetwork, TargetPlan]:
         cfg = self.cfg
         out_dims = {n: int(m.weight.shape[0]) for n, m in candidates.items()}
-        if existing is not None:
-            self._check_existing_fits(existing, out_dims, {n: tuple(m.weight.shape) for n, m in candidates.items()})
+        if existing is not None:  # checked to fit by run(), before the model was loaded
             p = TargetPlan(parse_training_metadata(existing).get("targets", "existing"), "existing",
                            requested_rank=cfg.rank, gamma=cfg.rank_boundary)
             for m, chain in existing.stages.items():
@@ -504,6 +505,8 @@ class Trainer:
         total = start_step + cfg.steps
         if cfg.save_every > 0:
             self.out_folder, self.out_name = _check_prefix(cfg.filename_prefix, len(str(total)))
+        if existing is not None:
+            self._check_existing_fits(existing, _candidates(self.model.model))
         self.init_used = (parse_training_metadata(existing).get("init", "existing") if existing is not None else cfg.init)
         mp = self.model.clone()
         mp.set_model_compute_dtype(self.dtype)
