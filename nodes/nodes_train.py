@@ -1,5 +1,9 @@
 """Train PaRa: personalise a diffusion model by learning the subspace PaRa removes (W - QQᵀW).
 
+This file adapts ComfyUI to the host-independent trainer in ``para_core.train`` (config, loss, optimizer,
+checkpointing, the ``.para_state`` sidecar, the optimizer-step loop): model loading, captions and
+latents, the model forward as the loop's ``micro_loss``, progress, previews and file names.
+
 Inputs follow ComfyUI's core "Train LoRA" node (``is_input_list``), so the core dataset nodes
 (LoadImageDataSetFromFolder, LoadImageTextDataSetFromFolder, MakeTrainingDataset, ResolutionBucket)
 feed it unchanged. How it differs from the core trainer, and why:
@@ -8,7 +12,11 @@ feed it unchanged. How it differs from the core trainer, and why:
   (para_core.layer; weight space only where the flop count says so), so no weight copy is made per
   step and frozen layers get no wrapper at all. The inference-mode trap (the executor loads models
   under ``torch.inference_mode()``, and such parameters cannot be saved for backward) is avoided by
-  giving the model normal-tensor copies of its inference-tensor parameters once, bit-identical.
+  giving the model, for the run only, normal tensors that *alias* the storage of its inference-tensor
+  parameters (no copy, same bits).
+* The input model is left exactly as it was (`_SharedModel`): parameter and buffer objects, module
+  flags (``comfy_cast_weights``, ``weight_function``, ...), forward attributes, object patches and
+  ComfyUI's loaded-model list are put back after a finished, failed or cancelled run.
 * Each training sample is paired with its own caption (the core sampler applies every caption to the
   whole batch and averages), every latent - also multi-resolution and bucketed ones - goes through
   ``process_latent_in``, and the loss can be taken in the model's own prediction space (ε / v / flow,
@@ -16,20 +24,24 @@ feed it unchanged. How it differs from the core trainer, and why:
 * Randomness is a function of (seed, step) only, and files written by ``save_every`` carry the
   training state (B, optimizer state, loss history) in a safetensors sidecar ``<file>.para_state``,
   so a resumed run continues the same trajectory.
+* No host synchronisation per step: losses are read one step late (the progress text lags one step).
+* Bad inputs (a filename_prefix ComfyUI would refuse, an existing_para that does not fit) fail before
+  the model is loaded or any step runs, with one line naming the prefix or file, key and shapes.
 * The MODEL output carries the result as ordinary weight patches (nodes.para_adapter.apply_para) with
   exactly the bases a saved file reloads to - no training wrappers.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.utils.checkpoint
 from comfy_api.latest import io, ui
 from tqdm.auto import tqdm
 
@@ -40,11 +52,14 @@ import comfy.samplers
 import comfy.utils
 import folder_paths
 
-from ..para_core import safetensors_io
 from ..para_core.errors import ParaError
-from ..para_core.format import ParaModel, parse_training_metadata
+from ..para_core.format import ParaModel, parse_training_metadata, stage_key
 from ..para_core.layer import DEFAULT_INIT, INITS, MODES, ParaLayer, ParaNetwork
 from ..para_core.targets import DEFAULT_GAMMA, DEFAULT_PRESET, PRESETS, TargetPlan, plan
+from ..para_core.train import (DTYPES, LOSS_FUNCTIONS, LOSS_SPACES, OPTIMIZERS, STATE_SUFFIX, TrainConfig,
+                               TrainingLoop, checkpoint_units, enable_checkpointing, loss_value, make_optimizer,
+                               prediction_residual, prediction_scale, read_state, restore_optimizer, save_with_state,
+                               stages_b, state_path, step_seed)
 from . import folders
 from .para_adapter import apply_para
 
@@ -56,14 +71,9 @@ Para = io.Custom("PARA")
 LossMap = io.Custom("LOSS_MAP")
 
 NONE = "[None]"
-STATE_SUFFIX = ".para_state"
-STATE_FORMAT = "para_train_state"
-OPTIMIZERS = ("AdamW", "Adam", "SGD", "RMSprop")
-LOSS_FUNCTIONS = ("MSE", "L1", "Huber", "SmoothL1")
-LOSS_SPACES = ("prediction", "x0")
+DEFAULT_PREFIX = "para/ComfyUI_para_train"
 PREVIEW_STEPS = 12
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
+NAME_MAX = 255  # bytes in one file name on the usual file systems (ext4, APFS, NTFS in UTF-16 units)
 
 # ---- data ----------------------------------------------------------------------------------------
 @dataclass
@@ -126,29 +136,146 @@ def _batch_conds(conds: list[dict]) -> dict:
     return {k: per[0][k].concat([p[k] for p in per[1:]]) for k in per[0]}
 
 
-# ---- model surgery -------------------------------------------------------------------------------
-def _own_parameters(model: torch.nn.Module) -> int:
-    """Replace inference-tensor parameters and buffers by normal copies (same values, same dtype/device).
+# ---- the shared model: borrowed for a run, given back as it was ----------------------------------------
+def _alias(t: torch.Tensor) -> torch.Tensor:
+    """A normal tensor on the storage of inference tensor t (no copy): autograd may save it for backward."""
+    a = torch.empty(0, dtype=t.dtype, device=t.device)
+    return a.set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
 
-    Done once, under inference_mode(False). Backward through a frozen layer must save its weight, and
-    inference tensors cannot be saved; this costs no extra memory once the originals are released,
-    unlike identity weight wrappers, which copy every weight on every forward.
+
+def _alias_inference_tensors(model: torch.nn.Module) -> Callable[[], None]:
+    """Put normal-tensor aliases in place of inference-tensor parameters and buffers (same storage);
+    returns the undo, which puts the original objects back.
+
+    Backward through a frozen layer must save its weight, and inference tensors (what the executor's
+    inference_mode loads) cannot be saved. An alias costs no memory and no copy, unlike identity weight
+    wrappers (a weight copy per forward).
     """
-    n = 0
+    swapped = []
     for m in model.modules():
         for name, p in list(m._parameters.items()):
             if p is not None and p.is_inference() and type(p.data) is torch.Tensor:
-                q = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+                q = torch.nn.Parameter(_alias(p.detach()), requires_grad=False)
                 q.__dict__.update(p.__dict__)
                 m._parameters[name] = q
-                n += 1
+                swapped.append((m._parameters, name, p, q))
         for name, b in list(m._buffers.items()):
             if b is not None and b.is_inference() and type(b) is torch.Tensor:
-                m._buffers[name] = b.clone()
-                n += 1
-    return n
+                a = _alias(b)
+                m._buffers[name] = a
+                swapped.append((m._buffers, name, b, a))
+    log.debug("Train PaRa: %d inference tensors aliased as normal tensors", len(swapped))
+
+    def undo() -> None:
+        for where, name, original, alias in reversed(swapped):
+            if where.get(name) is alias:
+                where[name] = original
+    return undo
 
 
+def _module_state(m: torch.nn.Module) -> dict:
+    """Every attribute of a module, with the contents of its lists and dicts (weight_function, _parameters,
+    _buffers, hooks, ...): what ComfyUI's load, our aliases and forward wrappers can change."""
+    state = {}
+    for k, v in m.__dict__.items():
+        if isinstance(v, list):
+            state[k] = (v, list(v))
+        elif isinstance(v, dict):
+            state[k] = (v, dict(v))
+        else:
+            state[k] = (v, None)
+    return state
+
+
+def _restore_module(m: torch.nn.Module, state: dict) -> None:
+    d = m.__dict__
+    for k in [k for k in d if k not in state]:
+        del d[k]
+    for k, (obj, contents) in state.items():
+        if isinstance(obj, list):
+            obj[:] = contents
+        elif isinstance(obj, dict):
+            obj.clear()
+            obj.update(contents)
+        d[k] = obj
+
+
+class _SharedModel:
+    """The torch model under the input ModelPatcher is shared with every other node that uses it. A run
+    loads it through a clone (compute dtype, full load), aliases its inference tensors and wraps forwards;
+    `restore` gives it back as it was, whatever happened.
+
+    Exactly as before (objects, values, flags, ComfyUI's loaded-model list) when the weights held no
+    patches before the run, or the input model's own patches (it was loaded by the input model or an
+    equal clone). If another patcher's patches were in the weights (a clone with other LoRAs was loaded
+    last), ComfyUI's consistent alternative is used instead: the model is unloaded (base weights, no flags)
+    and the next sampler loads it again, as after any model switch.
+    """
+
+    def __init__(self, source, patcher):
+        self.patcher = patcher
+        model = patcher.model
+        self.modules = [(m, _module_state(m)) for m in model.modules()]
+        self.devices = [(t, t.device) for m in model.modules() for t in
+                        list(m._parameters.values()) + list(m._buffers.values()) if t is not None]
+        self.backup = dict(patcher.backup)
+        self.object_patches_backup = dict(patcher.object_patches_backup)
+        self.loaded = list(comfy.model_management.current_loaded_models)
+        uuid = getattr(model, "current_weight_patches_uuid", None)
+        lowvram = bool(getattr(model, "model_lowvram", False))
+        self.exact = (uuid is None) or (uuid == source.patches_uuid and not lowvram)
+        self.weights_unpatched = uuid is None
+
+    def restore(self) -> None:
+        mm = comfy.model_management
+        mp = self.patcher
+        mine = [lm for lm in mm.current_loaded_models if lm.model is mp]
+        for lm in mine:
+            mm.current_loaded_models.remove(lm)
+            if lm.model_finalizer is not None:
+                lm.model_finalizer.detach()
+            lm.model_finalizer = None
+            lm.real_model = None
+        mp.cleanup()
+        if not self.exact:
+            mp.detach(unpatch_all=True)
+            from comfy.model_patcher import wipe_lowvram_weight
+            for m in mp.model.modules():
+                wipe_lowvram_weight(m)
+            log.info("Train PaRa: the model was loaded with other patches before training; it is unloaded now "
+                     "(the next sampler loads it again)")
+            return
+        if self.weights_unpatched:
+            mp.detach(unpatch_all=True)  # put back what the clone's own weight patches replaced
+        else:
+            mp.eject_model()
+        for m, state in self.modules:
+            _restore_module(m, state)
+        for t, device in self.devices:
+            if t.device != device:
+                t.data = t.data.to(device)
+        mp.backup.clear()
+        mp.backup.update(self.backup)
+        mp.object_patches_backup.clear()
+        mp.object_patches_backup.update(self.object_patches_backup)
+        # ComfyUI's list of loaded models: load_models_gpu took out the clones of this model that were loaded
+        # (they hold the same weights as before again, so they go back, with a live finalizer as on load)
+        now = list(mm.current_loaded_models)
+        keep = []
+        for lm in self.loaded:
+            if any(lm is x for x in now):
+                keep.append(lm)
+                continue
+            real = lm.real_model() if lm.real_model is not None else None
+            if lm.model is not None and lm.model.is_clone(mp) and real is not None:
+                if lm.model_finalizer is None or not lm.model_finalizer.alive:
+                    lm.model_finalizer = weakref.finalize(real, mm.cleanup_models)
+                keep.append(lm)
+        new = [x for x in now if not any(x is lm for lm in self.loaded)]
+        mm.current_loaded_models[:] = new + keep
+
+
+# ---- layers ----------------------------------------------------------------------------------------
 def _candidates(base_model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """Modules the core LoRA trainer would train: comfy ops with a ≥2-D weight."""
     return {n: m for n, m in base_model.named_modules()
@@ -173,41 +300,7 @@ def _comfy_bias_of(module, x):
     return b
 
 
-def _checkpoint_units(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """The first non-container modules below `module`: the units gradient checkpointing wraps."""
-    out = []
-    for child in module.children():
-        if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)):
-            out.extend(_checkpoint_units(child))
-        else:
-            out.append(child)
-    return out
-
-
-def _enable_checkpointing(units: list[torch.nn.Module]) -> Callable[[], None]:
-    """Recompute each unit's activations in backward instead of storing them. Returns the undo."""
-    undo = []
-    for m in units:
-        had_own = "forward" in m.__dict__
-        previous = m.__dict__.get("forward")
-        inner = m.forward
-
-        def fwd(*args, _inner=inner, **kwargs):
-            return torch.utils.checkpoint.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
-
-        m.forward = fwd
-        undo.append((m, had_own, previous))
-
-    def restore():
-        for m, had_own, previous in reversed(undo):
-            if had_own:
-                m.forward = previous
-            else:
-                m.__dict__.pop("forward", None)
-    return restore
-
-
-# ---- loss ----------------------------------------------------------------------------------------
+# ---- loss space ------------------------------------------------------------------------------------
 def _space_name(model_sampling) -> str:
     import comfy.model_sampling as ms
     if isinstance(model_sampling, ms.V_PREDICTION):
@@ -222,92 +315,60 @@ def _space_name(model_sampling) -> str:
 
 
 def _prediction_scale(model_sampling, sigma: torch.Tensor, ndim: int) -> torch.Tensor:
-    """c(σ) = ∂x0_pred/∂model_output, so (x0_pred - x0)/c is the error in the model's own output space
-    (ε for EPS models: c = -σ; v for v-prediction; flow velocity for CONST: c = -σ)."""
-    shape = (sigma.shape[0],) + (1,) * (ndim - 1)
-    one = torch.ones(shape, dtype=torch.float32, device=sigma.device)
-    zero = torch.zeros_like(one)
-    c = model_sampling.calculate_denoised(sigma.float(), one, zero) - model_sampling.calculate_denoised(sigma.float(), zero, zero)
-    return torch.where(c.abs() < 1e-4, torch.full_like(c, 1e-4) * torch.sign(c + 1e-12), c)
+    """para_core.train.prediction_scale for a ComfyUI model_sampling (used by benchmarks/bench_train.py)."""
+    return prediction_scale(model_sampling.calculate_denoised, sigma, ndim)
 
 
-def _loss(name: str, residual: torch.Tensor) -> torch.Tensor:
-    z = torch.zeros_like(residual)
-    if name == "MSE":
-        return torch.nn.functional.mse_loss(residual, z)
-    if name == "L1":
-        return torch.nn.functional.l1_loss(residual, z)
-    if name == "Huber":
-        return torch.nn.functional.huber_loss(residual, z)
-    return torch.nn.functional.smooth_l1_loss(residual, z)
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> device without waiting for the device's queue: a blocking copy from pageable memory
+    synchronises the stream; from pinned memory the copy is queued (torch's pinned allocator keeps the
+    source alive until it is done)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
-# ---- optimizer and training state ----------------------------------------------------------------
-def _optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    cls = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam, "SGD": torch.optim.SGD, "RMSprop": torch.optim.RMSprop}[name]
-    return cls(params, lr=lr)
-
-
-def state_path(para_path: str) -> str:
-    """The training-state sidecar of a PaRa file: <stem>.para_state (safetensors; not listed as a PaRa)."""
-    stem = para_path[:-len(".safetensors")] if para_path.endswith(".safetensors") else para_path
-    return stem + STATE_SUFFIX
-
-
-def _state_tensors(network: ParaNetwork, optimizer: torch.optim.Optimizer, losses: list[float]) -> dict[str, torch.Tensor]:
-    tensors = {f"b.{n}": layer.b.detach().to("cpu", torch.float32).contiguous() for n, layer in network.items()}
-    sd = optimizer.state_dict()
-    for i, name in enumerate(network.names):
-        for k, v in sd["state"].get(i, {}).items():
-            t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
-            tensors[f"optim.{name}.{k}"] = t.detach().to("cpu").contiguous()
-    tensors["loss"] = torch.tensor(losses, dtype=torch.float32) if losses else torch.zeros(0)
-    return tensors
-
-
-def _load_state(path: str, para: ParaModel, optimizer_name: str) -> dict | None:
-    """Read a sidecar; None (with a warning) if it is missing, unreadable, or does not belong to `para`."""
-    if not os.path.exists(path):
-        log.warning("PaRa: %s has no training state (%s): continuing from its saved bases with a fresh %s state",
-                    para.source, os.path.basename(path), optimizer_name)
-        return None
+def _host_sampling(model_sampling):
+    """A CPU copy of the model's sampling schedule for percent_to_sigma (which calls .item()): drawing σ
+    on the host then costs no device synchronisation per step. The model's own object where it already
+    lives on the CPU or cannot be copied."""
+    tensors = list(model_sampling.parameters()) + list(model_sampling.buffers())
+    if all(t.device.type == "cpu" for t in tensors):
+        return model_sampling
     try:
-        tensors, meta = safetensors_io.load_file(path)
-    except ParaError as e:
-        log.warning("PaRa: ignoring training state %s: %s", path, e)
-        return None
-    if meta.get("format") != STATE_FORMAT:
-        log.warning("PaRa: ignoring %s: not a PaRa training state", path)
-        return None
-    bs = {k[2:]: v for k, v in tensors.items() if k.startswith("b.")}
-    if set(bs) != set(para.stages):
-        log.warning("PaRa: ignoring training state %s: its layers do not match %s", path, para.source)
-        return None
-    for m, b in bs.items():  # the state must be the one the file was written from
-        q = para.stages[m][0]
-        qb = torch.linalg.qr(b.to(torch.float64))[0]
-        if b.shape != q.shape or (q.to(torch.float64) - qb @ (qb.T @ q.to(torch.float64))).abs().max() > 1e-2:
-            log.warning("PaRa: ignoring training state %s: it does not match the bases of %s", path, para.source)
-            return None
-    return {"b": bs, "tensors": tensors, "meta": meta}
+        with torch.inference_mode(False):
+            return copy.deepcopy(model_sampling).to("cpu")
+    except Exception:  # an exotic sampling object: correct, one sync per sample
+        return model_sampling
 
 
-def _restore_optimizer(optimizer: torch.optim.Optimizer, network: ParaNetwork, tensors: dict[str, torch.Tensor], meta: dict) -> bool:
-    if meta.get("optimizer") != type(optimizer).__name__:
-        log.warning("PaRa: saved optimizer state is %s, this run uses %s: starting a fresh optimizer state",
-                    meta.get("optimizer"), type(optimizer).__name__)
-        return False
-    state = {}
-    for i, name in enumerate(network.names):
-        prefix = f"optim.{name}."
-        entry = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if entry:
-            # clone: the tensors were read under the executor's inference mode, and the optimizer updates them in place
-            state[i] = {k: (v.to(network.layer(name).b.device) if k != "step" else v).clone() for k, v in entry.items()}
-    sd = optimizer.state_dict()
-    sd["state"] = state
-    optimizer.load_state_dict(sd)
-    return True
+# ---- files ---------------------------------------------------------------------------------------------
+def _check_prefix(prefix: str, steps_digits: int) -> tuple[str, str]:
+    """(folder, file name) for `prefix` as ComfyUI's save nodes resolve it (%date% variables, sub-folders,
+    created if missing), checked before training: inside the output folder, no NUL, a real file name (not
+    '', '.', '..', not ending in a separator), names that fit NAME_MAX. One line naming the prefix."""
+    bad = f"Train PaRa: filename_prefix {prefix!r}"
+    if "\0" in prefix:
+        raise ValueError(f"{bad} contains a NUL character")
+    out_dir = folder_paths.get_output_directory()
+    norm = os.path.normpath(prefix) if prefix else ""
+    filename = os.path.basename(norm)
+    if filename in ("", ".", "..") or prefix.endswith(("/", os.sep)):
+        raise ValueError(f"{bad} has no file name part (give e.g. para/my_subject)")
+    folder = os.path.abspath(os.path.join(out_dir, os.path.dirname(norm)))
+    if os.path.commonpath((os.path.abspath(out_dir), folder)) != os.path.abspath(out_dir):
+        raise ValueError(f"{bad} points outside the output folder {out_dir}")
+    try:
+        folder, filename, _counter, _sub, _ = folder_paths.get_save_image_path(prefix, out_dir)
+    except Exception as e:  # its own refusal is a multi-line message; an OSError from creating the folder
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{bad} cannot be used: {first}") from None
+    longest = f"{filename}_{'9' * steps_digits}_steps_99999_{STATE_SUFFIX}"
+    if len(longest.encode("utf-8")) > NAME_MAX:
+        raise ValueError(f"{bad}: file names would be {len(longest.encode('utf-8'))} bytes, the limit is {NAME_MAX}")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{bad}: the folder {folder} is not writable")
+    return folder, filename
 
 
 def _free_name(folder: str, filename: str, step: int) -> str:
@@ -318,27 +379,6 @@ def _free_name(folder: str, filename: str, step: int) -> str:
         if not os.path.exists(path) and not os.path.exists(state_path(path)):
             return path
         counter += 1
-
-
-def _save_checkpoint(para: ParaModel, state: dict[str, torch.Tensor], state_meta: dict[str, str],
-                     filename_prefix: str, step: int) -> str:
-    """Write <prefix>_<step>_steps_<n>_.safetensors (Save LoRA's naming) and its sidecar, each atomically,
-    never overwriting."""
-    out_dir = folder_paths.get_output_directory()
-    folder, filename, _counter, _sub, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
-    os.makedirs(folder, exist_ok=True)
-    path = _free_name(folder, filename, step)
-    side = state_path(path)
-    safetensors_io.save_file(state, side, state_meta)
-    try:
-        para.save(path)
-    except BaseException:
-        try:
-            os.unlink(side)
-        except OSError:
-            pass
-        raise
-    return path
 
 
 # ---- preview -------------------------------------------------------------------------------------
@@ -357,38 +397,8 @@ def _to_image_tensor(pil) -> torch.Tensor:
 
 
 # ---- the trainer ---------------------------------------------------------------------------------
-@dataclass
-class TrainConfig:
-    steps: int
-    learning_rate: float
-    rank: int
-    seed: int
-    batch_size: int
-    grad_accumulation_steps: int
-    optimizer: str
-    loss_function: str
-    training_dtype: str
-    gradient_checkpointing: bool
-    targets: str
-    include: str
-    exclude: str
-    rank_boundary: float
-    loss_space: str
-    existing_para: str
-    save_every: int
-    preview_every: int
-    filename_prefix: str
-    init: str
-    projection: str
-
-
-def _mix(seed: int, step: int) -> int:
-    """A generator seed for one micro-step, from (seed, step) only: runs and resumed runs draw the same."""
-    return (int(seed) * 0x9E3779B97F4A7C15 + int(step) * 0xBF58476D1CE4E5B9 + 1) % (2 ** 63)
-
-
 class Trainer:
-    """One training run. Kept out of the node class so tests and benchmarks can drive it directly."""
+    """One training run in ComfyUI. Kept out of the node class so tests and benchmarks can drive it directly."""
 
     def __init__(self, model, latents: list[dict], positive: list, cfg: TrainConfig, vae=None,
                  node_id: str | None = None):
@@ -408,9 +418,12 @@ class Trainer:
         self.loss_map: dict[str, list[float]] = {"loss": []}
         self.previews: list[torch.Tensor] = []
         self.saved: list[str] = []
+        self.notes: list[str] = []
+        self.out_folder: str | None = None
+        self.out_name = ""
 
     # -- setup --
-    def _existing(self) -> tuple[ParaModel | None, int, dict | None]:
+    def _existing(self) -> tuple[ParaModel | None, int, object]:
         name = self.cfg.existing_para
         if not name or name == NONE:
             return None, 0, None
@@ -422,25 +435,44 @@ class Trainer:
         except ParaError as e:
             raise ValueError(f"Train PaRa: existing_para: {e}") from None
         if para.max_stages() != 1:
-            raise ValueError(f"Train PaRa: {name} is a sequential merge of {para.max_stages()} stages; training continues "
+            raise ValueError(f"Train PaRa: {path}: a sequential merge of {para.max_stages()} stages; training continues "
                              "single-stage PaRa files only (merge with mode 'union' first)")
         steps = int(parse_training_metadata(para).get("steps", 0) or 0)
-        return para, steps, _load_state(state_path(path), para, self.cfg.optimizer)
+        try:
+            state = read_state(para)
+        except ParaError as e:
+            note = f"ignored training state: {e}; continuing from the file's bases with a fresh {self.cfg.optimizer} state"
+            log.warning("Train PaRa: %s", note)
+            self.notes.append(note)
+            state = None
+        if state is None and not os.path.exists(state_path(path)):
+            log.info("Train PaRa: %s has no training state (%s): continuing from its saved bases with a fresh %s state",
+                     path, os.path.basename(state_path(path)), self.cfg.optimizer)
+        return para, steps, state
 
-    def _network(self, candidates: dict[str, torch.nn.Module], existing: ParaModel | None, state: dict | None) -> tuple[ParaNetwork, TargetPlan]:
+    def _check_existing_fits(self, existing: ParaModel, candidates: dict[str, torch.nn.Module]) -> None:
+        """Before loading: every module of the file exists in the model, with B's row count = its output dim."""
+        out_dims = {n: int(m.weight.shape[0]) for n, m in candidates.items()}
+        weights = {n: tuple(m.weight.shape) for n, m in candidates.items()}
+        missing = [m for m in existing.stages if m not in out_dims]
+        if missing:
+            raise ValueError(f"Train PaRa: {existing.source}: {stage_key(missing[0], 0)} names a layer this model does not "
+                             f"have ({len(missing)} of {len(existing.stages)} layers missing): it was trained for another model")
+        for m, chain in existing.stages.items():
+            q = chain[0]
+            if q.shape[0] != out_dims[m] or not 1 <= q.shape[1] < max(2, out_dims[m]):
+                raise ValueError(f"Train PaRa: {existing.source}: {stage_key(m, 0)} has shape {tuple(q.shape)}, but the "
+                                 f"model's {m}.weight has shape {weights[m]} (needs {out_dims[m]} x r, r < {out_dims[m]})")
+
+    def _network(self, candidates: dict[str, torch.nn.Module], existing: ParaModel | None, state) -> tuple[ParaNetwork, TargetPlan]:
         cfg = self.cfg
         out_dims = {n: int(m.weight.shape[0]) for n, m in candidates.items()}
-        if existing is not None:
-            missing = [m for m in existing.stages if m not in candidates]
-            if missing:
-                raise ValueError(f"Train PaRa: existing_para has {len(missing)} layers this model does not have "
-                                 f"(first: {missing[0]}): it was trained for another model")
+        if existing is not None:  # checked to fit by run(), before the model was loaded
             p = TargetPlan(parse_training_metadata(existing).get("targets", "existing"), "existing",
                            requested_rank=cfg.rank, gamma=cfg.rank_boundary)
             for m, chain in existing.stages.items():
                 p.ranks[m], p.out_dims[m] = chain[0].shape[1], out_dims[m]
-            src = state["b"] if state is not None else {m: chain[0] for m, chain in existing.stages.items()}
-            layers = {m: ParaLayer(src[m].to(torch.float32)) for m in sorted(existing.stages)}
+            layers = {m: ParaLayer(b) for m, b in sorted(stages_b(existing, state).items())}
             return ParaNetwork(layers, cfg.projection), p
         try:
             p = plan(out_dims, cfg.targets, cfg.rank, cfg.rank_boundary, cfg.include, cfg.exclude)
@@ -470,98 +502,102 @@ class Trainer:
     def run(self):
         cfg = self.cfg
         existing, start_step, state = self._existing()
+        total = start_step + cfg.steps
+        if cfg.save_every > 0:
+            self.out_folder, self.out_name = _check_prefix(cfg.filename_prefix, len(str(total)))
+        if existing is not None:
+            self._check_existing_fits(existing, _candidates(self.model.model))
         self.init_used = (parse_training_metadata(existing).get("init", "existing") if existing is not None else cfg.init)
         mp = self.model.clone()
         mp.set_model_compute_dtype(self.dtype)
+        shared = _SharedModel(self.model, mp)
+        undo = []
+        bar = None
         with torch.inference_mode(False):
-            comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
-            base = mp.model
-            device = mp.load_device
-            self.base_model_name = type(getattr(base, "model_config", None)).__name__.lower() if getattr(base, "model_config", None) else ""
-            owned = _own_parameters(base)
-            log.debug("PaRa: %d inference tensors of the model replaced by normal copies", owned)
-            candidates = _candidates(base)
-            network, p = self._network(candidates, existing, state)
-            network.to(device)
-            self.plan = p
-            log.info("Train PaRa: %s", p.describe())
-            optimizer = _optimizer(cfg.optimizer, [layer.b for _, layer in network.items()], cfg.learning_rate)
-            if state is not None:
-                _restore_optimizer(optimizer, network, state["tensors"], state["meta"])
-                self.loss_map["loss"] = [float(x) for x in state["tensors"].get("loss", torch.zeros(0)).tolist()]
-            ms = base.model_sampling
-            space = _space_name(ms) if cfg.loss_space == "prediction" else "x0"
+            try:  # from here on the shared torch model is borrowed: always give it back in finally
+                comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
+                base = mp.model
+                device = mp.load_device
+                config = getattr(base, "model_config", None)
+                self.base_model_name = type(config).__name__.lower() if config is not None else ""
+                undo.append(_alias_inference_tensors(base))
+                candidates = _candidates(base)
+                network, p = self._network(candidates, existing, state)
+                network.to(device)
+                self.plan = p
+                log.info("Train PaRa: %s", p.describe())
+                optimizer = make_optimizer(cfg.optimizer, [layer.b for _, layer in network.items()], cfg.learning_rate)
+                if state is not None:
+                    if not restore_optimizer(optimizer, network, state):
+                        self.notes.append(f"saved optimizer state is {state.meta.get('optimizer')}, this run uses "
+                                          f"{cfg.optimizer}: fresh optimizer state")
+                        log.warning("Train PaRa: %s", self.notes[-1])
+                    self.loss_map["loss"] = state.losses
+                ms = base.model_sampling
+                host_ms = _host_sampling(ms)
+                space = _space_name(ms) if cfg.loss_space == "prediction" else "x0"
 
-            groups = _group_by_shape([base.process_latent_in(_own(t).float().to(device)) for t in self.images])
-            conds = {}
-            for gi, g in enumerate(groups):
-                noise = torch.zeros((1,) + tuple(g.latents.shape[1:]), device=device)
-                c = comfy.samplers.process_conds(base, noise, {"positive": comfy.sampler_helpers.convert_cond(self.captions)},
-                                                 device, seed=cfg.seed)
-                conds[gi] = _own_conds(c["positive"])
-            weights = torch.tensor([float(len(g.index)) for g in groups])
+                groups = _group_by_shape([base.process_latent_in(_own(t).float().to(device)) for t in self.images])
+                conds = {}
+                for gi, g in enumerate(groups):
+                    noise = torch.zeros((1,) + tuple(g.latents.shape[1:]), device=device)
+                    c = comfy.samplers.process_conds(base, noise, {"positive": comfy.sampler_helpers.convert_cond(self.captions)},
+                                                     device, seed=cfg.seed)
+                    conds[gi] = _own_conds(c["positive"])
+                group_weights = torch.tensor([float(len(g.index)) for g in groups])
+                t_opts = dict(mp.model_options.get("transformer_options", {}))
+                autocast = torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
-            t_opts = dict(mp.model_options.get("transformer_options", {}))
-            total = start_step + cfg.steps
-            autocast = torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
-            detach = restore_ckpt = bar = None
-            try:  # from here on the shared torch model is modified (forward wrappers): always undo in finally
-                detach = network.attach(candidates, _comfy_weight_of, _comfy_bias_of)
+                def micro_loss(micro: int) -> torch.Tensor:
+                    """The loss of micro-batch `micro`: its images, captions, noise and σ drawn from (seed, micro)."""
+                    gen = torch.Generator().manual_seed(step_seed(cfg.seed, micro))
+                    gi = int(torch.multinomial(group_weights, 1, generator=gen)) if len(groups) > 1 else 0
+                    g = groups[gi]
+                    pick = torch.randperm(len(g.index), generator=gen)[:cfg.batch_size].tolist()
+                    x0 = g.latents.index_select(0, _to_device(torch.tensor(pick), device))
+                    noise = _to_device(torch.randn(x0.shape, generator=gen), device)
+                    pct = torch.rand(len(pick), generator=gen).tolist()
+                    sigma = _to_device(torch.tensor([float(host_ms.percent_to_sigma(v)) for v in pct]), device)
+                    kw = _batch_conds([conds[gi][self.caption_of[g.index[i]]] for i in pick])
+                    opts = dict(t_opts, sigmas=sigma, cond_or_uncond=[0] * len(pick))
+                    with autocast:
+                        xt = ms.noise_scaling(sigma, noise, x0, False)
+                        x0_pred = base.apply_model(xt, sigma, transformer_options=opts, **kw)
+                    scale = _prediction_scale(ms, sigma, x0_pred.ndim) if space != "x0" else None
+                    return loss_value(cfg.loss_function, prediction_residual(x0_pred, x0, scale))
+
+                undo.append(network.attach(candidates, _comfy_weight_of, _comfy_bias_of))
                 if cfg.gradient_checkpointing:
-                    restore_ckpt = _enable_checkpointing(_checkpoint_units(base.diffusion_model))
+                    undo.append(enable_checkpointing(checkpoint_units(base.diffusion_model)))
                 mp.pre_run()
                 previewer = _previewer(base) if cfg.preview_every > 0 and self.vae is None else None
                 pbar = comfy.utils.ProgressBar(cfg.steps, node_id=self.node_id)
                 bar = tqdm(total=cfg.steps, desc="Training PaRa", disable=not comfy.utils.PROGRESS_BAR_ENABLED)
+                loop = TrainingLoop(optimizer, micro_loss, cfg.grad_accumulation_steps, losses=self.loss_map["loss"],
+                                    step_context=network.step,
+                                    check=comfy.model_management.throw_exception_if_processing_interrupted)
                 for step in range(start_step, total):
-                    micro_losses = []
-                    for j in range(cfg.grad_accumulation_steps):
-                        comfy.model_management.throw_exception_if_processing_interrupted()
-                        micro = step * cfg.grad_accumulation_steps + j
-                        gen = torch.Generator().manual_seed(_mix(cfg.seed, micro))
-                        gi = int(torch.multinomial(weights, 1, generator=gen)) if len(groups) > 1 else 0
-                        g = groups[gi]
-                        pick = torch.randperm(len(g.index), generator=gen)[:cfg.batch_size].tolist()
-                        x0 = g.latents[pick]
-                        noise = torch.randn(x0.shape, generator=gen).to(device)
-                        pct = torch.rand(len(pick), generator=gen).tolist()
-                        sigma = torch.tensor([float(ms.percent_to_sigma(v)) for v in pct], device=device)
-                        kw = _batch_conds([conds[gi][self.caption_of[g.index[i]]] for i in pick])
-                        opts = dict(t_opts, sigmas=sigma, cond_or_uncond=[0] * len(pick))
-                        with network.step():
-                            with autocast:
-                                xt = ms.noise_scaling(sigma, noise, x0, False)
-                                x0_pred = base.apply_model(xt, sigma, transformer_options=opts, **kw)
-                            residual = x0_pred.float() - x0.float()
-                            if space != "x0":
-                                residual = residual / _prediction_scale(ms, sigma, residual.ndim)
-                            loss = _loss(cfg.loss_function, residual)
-                            (loss / cfg.grad_accumulation_steps).backward()
-                        micro_losses.append(float(loss.detach()))
-                    comfy.model_management.throw_exception_if_processing_interrupted()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    loss_value = sum(micro_losses) / len(micro_losses)
-                    self.loss_map["loss"].append(loss_value)
+                    loop.step(step)
                     done = step + 1
                     preview = None
                     if cfg.preview_every > 0 and (done % cfg.preview_every == 0 or done == total):
                         preview = self._preview(base, ms, network, groups, conds, t_opts, autocast, previewer)
                     if cfg.save_every > 0 and (done % cfg.save_every == 0 or done == total):
+                        loop.flush()  # the sidecar carries the exact loss history
                         self._checkpoint(network, optimizer, p, done, space)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss_value:.4f}")
-                    self._report(done - start_step, cfg.steps, done, total, loss_value, pbar, preview)
+                    if loop.last_loss is not None:
+                        bar.set_postfix(loss=f"{loop.last_loss:.4f}")
+                    self._report(done - start_step, cfg.steps, done, total, loop.last_loss, pbar, preview)
+                loop.flush()
+                network.requires_grad_(False)
+                para = network.to_para_model(self._metadata(p, total, space))
             finally:
                 if bar is not None:
                     bar.close()
-                if restore_ckpt is not None:
-                    restore_ckpt()
-                if detach is not None:
-                    detach()
-                mp.cleanup()
-            network.requires_grad_(False)
-            para = network.to_para_model(self._metadata(p, total, space))
+                for u in reversed(undo):
+                    u()
+                shared.restore()
         self.space = space
         self.network = network
         self.total_steps = total
@@ -573,18 +609,17 @@ class Trainer:
             from server import PromptServer
             srv = PromptServer.instance
             if self.node_id is not None and hasattr(srv, "send_progress_text"):
-                srv.send_progress_text(f"step {done}/{total}  loss {loss:.4f}", self.node_id)
+                text = f"step {done}/{total}" + (f"  loss {loss:.4f}" if loss is not None else "")
+                srv.send_progress_text(text, self.node_id)
         except Exception:  # no server (tests, scripts): the tqdm bar and the log carry the loss
             pass
 
     def _checkpoint(self, network: ParaNetwork, optimizer, p: TargetPlan, done: int, space: str) -> None:
+        """Write <prefix>_<step>_steps_<n>_.safetensors (Save LoRA's naming) and its sidecar, never overwriting."""
         para = network.to_para_model(self._metadata(p, done, space))
-        meta = {"format": STATE_FORMAT, "version": "1", "step": str(done), "optimizer": type(optimizer).__name__,
-                "seed": str(self.cfg.seed), "param_groups": json.dumps(
-                    [{k: v for k, v in g.items() if k != "params" and isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
-                     for g in optimizer.state_dict()["param_groups"]], sort_keys=True)}
-        path = _save_checkpoint(para, _state_tensors(network, optimizer, self.loss_map["loss"]), meta,
-                                self.cfg.filename_prefix, done)
+        os.makedirs(self.out_folder, exist_ok=True)
+        path = _free_name(self.out_folder, self.out_name, done)
+        save_with_state(para, path, network, optimizer, self.loss_map["loss"], done, self.cfg.seed)
         self.saved.append(path)
         log.info("Train PaRa: step %d saved %s", done, path)
 
@@ -701,7 +736,7 @@ class PaRaTrainer(io.ComfyNode):
                              tooltip="Every N steps, sample the first caption with fixed noise and show it on this node "
                                      "(VAE-decoded if a vae is connected, else the latent preview). 0: off."),
                 io.Vae.Input("vae", optional=True, tooltip="Optional: decode previews with this VAE instead of the latent preview."),
-                io.String.Input("filename_prefix", default="para/ComfyUI_para_train", optional=True,
+                io.String.Input("filename_prefix", default=DEFAULT_PREFIX, optional=True,
                                 tooltip="Where save_every files go, relative to the output folder."),
                 io.Combo.Input("init", options=list(INITS), default=DEFAULT_INIT, optional=True,
                                tooltip="How B starts. small_sv: the directions of each weight with the smallest singular "
@@ -733,7 +768,7 @@ class PaRaTrainer(io.ComfyNode):
             include=_first(include, "") or "", exclude=_first(exclude, "") or "", rank_boundary=_first(rank_boundary),
             loss_space=_first(loss_space), existing_para=_first(existing_para, NONE) or NONE,
             save_every=_first(save_every, 0) or 0, preview_every=_first(preview_every, 0) or 0,
-            filename_prefix=_first(filename_prefix, "para/ComfyUI_para_train") or "para/ComfyUI_para_train",
+            filename_prefix=DEFAULT_PREFIX if _first(filename_prefix) is None else _first(filename_prefix),
             init=_first(init, DEFAULT_INIT) or DEFAULT_INIT, projection=_first(projection, "auto") or "auto")
         hidden = getattr(cls, "hidden", None)
         node_id = getattr(hidden, "unique_id", None) if hidden is not None else None
@@ -741,7 +776,7 @@ class PaRaTrainer(io.ComfyNode):
         para = trainer.run()
         out_model, _clip, text = apply_para(para, _first(model), None, 1.0, 1.0)
         losses = trainer.loss_map["loss"]
-        summary = (f"{trainer.plan.describe()}\nsteps {trainer.total_steps}, loss {losses[-1]:.4f} "
+        summary = "\n".join([trainer.plan.describe()] + trainer.notes) + (f"\nsteps {trainer.total_steps}, loss {losses[-1]:.4f} "
                    f"({trainer.space} space); {para.num_bytes() / 1024:.1f} KiB as fp16")
         if trainer.saved:
             summary += f"\nsaved {len(trainer.saved)} file(s), last {os.path.relpath(trainer.saved[-1], folder_paths.get_output_directory())}"

@@ -175,7 +175,7 @@ def test_resume_continues_the_same_trajectory(comfy, sd15, helpers):
     assert comfy.output(tr2.id, 3) == n + m
     resumed_losses = list(comfy.output(tr2.id, 2)["loss"])
     assert len(resumed_losses) == n + m
-    np.testing.assert_allclose(resumed_losses, full_losses, rtol=1e-4, atol=1e-6)
+    assert resumed_losses == full_losses  # float equality: B, optimizer state and loss history are restored exactly
 
     out = os.path.join(comfy.dirs["output"], "para")
     full_state = [f for f in os.listdir(out) if f.startswith(f"resume_full_{n + m}_steps_") and f.endswith(".para_state")]
@@ -184,10 +184,87 @@ def test_resume_continues_the_same_trajectory(comfy, sd15, helpers):
     b_full, b_res = _sidecar_b(os.path.join(out, full_state[0])), _sidecar_b(os.path.join(out, res_state[0]))
     assert b_full.keys() == b_res.keys()
     for k in b_full:
-        torch.testing.assert_close(b_res[k], b_full[k], rtol=1e-5, atol=1e-6, msg=k)
+        assert torch.equal(b_res[k], b_full[k]), k
     res_para = comfy.output(tr2.id, 1)
     for k, q in _q_of(full_para).items():
-        assert (q - _q_of(res_para)[k]).abs().max() <= 2e-3, k  # fp16 bases
+        assert torch.equal(q, _q_of(res_para)[k]), k
+
+
+def test_para_state_of_another_file_is_ignored_and_reported(comfy, sd15, helpers):
+    """A sidecar that was not written with its file (here: another run's, copied beside it) is not used: the
+    run continues from the file's bases with a fresh optimizer state and says so on the node."""
+    import shutil
+    common = dict(steps=2, save_every=2, learning_rate=0.01)
+    g = comfy.graph("foreign_a.")
+    a = _train_graph(g, _sd15_model(g, sd15).out(0), seed=21, filename_prefix="para/foreign_a", **common)
+    b = _train_graph(g, _sd15_model(g, sd15).out(0), seed=22, filename_prefix="para/foreign_b", **common)
+    g.node("PreviewAny", source=a.out(0))
+    g.node("PreviewAny", source=b.out(0))
+    comfy.run(g.finalize())
+    out = os.path.join(comfy.dirs["output"], "para")
+    fa = [f for f in os.listdir(out) if f.startswith("foreign_a_2_steps_") and f.endswith(".safetensors")]
+    fb = [f for f in os.listdir(out) if f.startswith("foreign_b_2_steps_") and f.endswith(".para_state")]
+    assert len(fa) == 1 and len(fb) == 1
+    side = os.path.join(out, fa[0][:-len(".safetensors")] + ".para_state")
+    shutil.copyfile(os.path.join(out, fb[0]), side)
+    g = comfy.graph("foreign_resume.")
+    tr = _train_graph(g, _sd15_model(g, sd15).out(0), steps=1, seed=21, existing_para=fa[0])
+    g.node("PreviewAny", source=tr.out(0))
+    ui = comfy.run(g.finalize())
+    text = ui[tr.id]["text"][0]
+    assert "ignored training state" in text and side in text and "not its training state" in text, text
+    assert comfy.output(tr.id, 3) == 3 and len(comfy.output(tr.id, 2)["loss"]) == 1  # no foreign loss history
+
+
+# ---- bad inputs fail before any step ---------------------------------------------------------------------
+class _Steps:
+    """Counts training steps through ComfyUI's progress-bar hook (the mechanism the server uses)."""
+
+    def __enter__(self):
+        import comfy.utils as cu
+        self.cu, self.old, self.calls = cu, cu.PROGRESS_BAR_HOOK, []
+        cu.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: self.calls.append(value))
+        return self.calls
+
+    def __exit__(self, *exc):
+        self.cu.set_progress_bar_global_hook(self.old)
+
+
+@pytest.mark.parametrize("prefix", ["../../x", "para/a\0b", "", ".", "..", "para/..", "para/", "para/" + "x" * 300])
+def test_bad_filename_prefix_fails_before_training(comfy, sd15, helpers, prefix):
+    before = set(os.listdir(comfy.dirs["output"]))
+    g = comfy.graph()
+    tr = _train_graph(g, _sd15_model(g, sd15).out(0), steps=50, save_every=1, filename_prefix=prefix)
+    g.node("PreviewAny", source=tr.out(0))
+    with _Steps() as steps:
+        msg = comfy.run_failing(g.finalize())
+    assert steps == [], f"training started before the prefix was refused: {msg}"
+    assert "\n" not in msg and f"filename_prefix {prefix!r}" in msg, msg
+    assert set(os.listdir(comfy.dirs["output"])) == before
+
+
+def test_existing_para_that_does_not_fit_fails_before_training(comfy, sd15, helpers):
+    diff = sd15["model"].model.diffusion_model
+    name, mod = next((n, m) for n, m in diff.named_modules() if n.endswith("attn1.to_q"))
+    key = f"diffusion_model.{name}"
+    out = mod.weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    cases = {
+        "para_wrong_rows.safetensors": ({key: [torch.randn(out + 3, 2, generator=g)]},
+                                        [f"{key}.para_q has shape ({out + 3}, 2)", f"{tuple(mod.weight.shape)}"]),
+        "para_rank_out.safetensors": ({key: [torch.randn(out, out, generator=g)]}, [f"{key}.para_q", f"({out}, {out})"]),
+        "para_other_model.safetensors": ({"diffusion_model.joint_blocks.0.x_block.attn.qkv": [torch.randn(8, 1, generator=g)]},
+                                         ["diffusion_model.joint_blocks.0.x_block.attn.qkv.para_q", "another model"]),
+    }
+    for fname, (stages, needles) in cases.items():
+        comfy.write_para(fname, stages)
+        gr = comfy.graph()
+        tr = _train_graph(gr, _sd15_model(gr, sd15).out(0), steps=50, existing_para=fname)
+        gr.node("PreviewAny", source=tr.out(0))
+        with _Steps() as steps:
+            msg = comfy.run_failing(gr.finalize())
+        assert steps == [], f"{fname}: training started: {msg}"
+        assert "\n" not in msg and comfy.path("para", fname) in msg and all(n in msg for n in needles), msg
 
 
 # ---- 4. cancel -----------------------------------------------------------------------------------------
