@@ -96,14 +96,6 @@ class Run:
         return self.network.to_para_model({"training": json.dumps({"steps": steps})})
 
 
-def _require_writer():
-    """The PaRa writer needs numpy on torch 2.13's CPU wheel until safetensors_io stops calling .numpy()."""
-    try:
-        torch.zeros(1).numpy()
-    except RuntimeError as e:  # pragma: no cover - environment dependent
-        pytest.skip(f"safetensors writer unavailable here: {e}")
-
-
 # ---- learning and determinism ----------------------------------------------------------------------
 def test_loss_falls_towards_the_teacher():
     r = Run()
@@ -145,7 +137,6 @@ def test_losses_are_read_one_step_late_and_exact():
 # ---- resume ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("optimizer,accumulate", [("AdamW", 1), ("RMSprop", 2), ("SGD", 1)])
 def test_resume_from_para_state_equals_one_continuous_run(tmp_path, optimizer, accumulate):
-    _require_writer()
     n, m = 4, 3
     full = Run(seed=7, optimizer=optimizer, accumulate=accumulate, lr=0.02)
     full_losses = full.loop.run(0, n + m)
@@ -170,7 +161,6 @@ def test_resume_from_para_state_equals_one_continuous_run(tmp_path, optimizer, a
 
 def test_resume_without_optimizer_state_differs(tmp_path):
     """The optimizer state matters (so the test above can fail): a fresh AdamW state gives another trajectory."""
-    _require_writer()
     full = Run(seed=7)
     full.loop.run(0, 6)
     first = Run(seed=7)
@@ -195,7 +185,6 @@ def _two_saved_runs(tmp_path):
 
 
 def test_para_state_of_another_file_is_refused(tmp_path):
-    _require_writer()
     a, b = _two_saved_runs(tmp_path)
     assert read_state(ParaModel.load(a)) is not None
     shutil.copyfile(state_path(b), state_path(a))  # run 2's state next to run 1's file
@@ -206,7 +195,6 @@ def test_para_state_of_another_file_is_refused(tmp_path):
 
 
 def test_para_state_of_another_step_or_other_layers_is_refused(tmp_path):
-    _require_writer()
     a, _ = _two_saved_runs(tmp_path)
     r = Run(seed=1)
     r.loop.run(0, 3)
@@ -225,7 +213,6 @@ def test_para_state_of_another_step_or_other_layers_is_refused(tmp_path):
 
 
 def test_restore_optimizer_checks_class_and_shapes(tmp_path):
-    _require_writer()
     a, _ = _two_saved_runs(tmp_path)
     state = read_state(ParaModel.load(a))
     sgd = Run(optimizer="SGD")
