@@ -47,6 +47,7 @@ from ..para_core.layer import DEFAULT_INIT, INITS, MODES, ParaLayer, ParaNetwork
 from ..para_core.targets import DEFAULT_GAMMA, DEFAULT_PRESET, PRESETS, TargetPlan, plan
 from . import folders
 from .para_adapter import apply_para
+from .train_compat import training_compat
 
 log = logging.getLogger(__name__)
 
@@ -473,7 +474,7 @@ class Trainer:
         self.init_used = (parse_training_metadata(existing).get("init", "existing") if existing is not None else cfg.init)
         mp = self.model.clone()
         mp.set_model_compute_dtype(self.dtype)
-        with torch.inference_mode(False):
+        with torch.inference_mode(False), training_compat(mp):  # rope/in-place fixes, undone on exit
             comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
             base = mp.model
             device = mp.load_device
