@@ -44,7 +44,7 @@ from ..para_core import safetensors_io
 from ..para_core.errors import ParaError
 from ..para_core.format import ParaModel, parse_training_metadata
 from ..para_core.layer import DEFAULT_INIT, INITS, MODES, ParaLayer, ParaNetwork
-from ..para_core.targets import DEFAULT_GAMMA, DEFAULT_PRESET, PRESETS, TargetPlan, plan
+from ..para_core.targets import DEFAULT_GAMMA, DEFAULT_PRESET, PRESETS, TargetPlan, family_for_model, plan
 from . import folders
 from .para_adapter import apply_para
 from .train_compat import training_compat
@@ -444,7 +444,8 @@ class Trainer:
             layers = {m: ParaLayer(src[m].to(torch.float32)) for m in sorted(existing.stages)}
             return ParaNetwork(layers, cfg.projection), p
         try:
-            p = plan(out_dims, cfg.targets, cfg.rank, cfg.rank_boundary, cfg.include, cfg.exclude)
+            p = plan(out_dims, cfg.targets, cfg.rank, cfg.rank_boundary, cfg.include, cfg.exclude, layout=family_for_model(
+                type(getattr(self.model.model, "model_config", None)).__name__, type(getattr(self.model.model, "diffusion_model", None)).__name__))
         except ValueError as e:
             raise ValueError(f"Train PaRa: {e}") from None
         if not p.ranks:
