@@ -40,10 +40,12 @@ FAMILIES: dict[str, Family] = {
     "sd15": Family("SD15", dict(_UNET, in_channels=4, out_channels=4, model_channels=32, context_dim=768,
                                 transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1], use_linear_in_transformer=False,
                                 adm_in_channels=None), (4, 8, 8), 4, 768),
-    "sdxl": Family("SDXL", dict(_UNET, in_channels=4, out_channels=4, model_channels=32, context_dim=64,
+    # SDXL and Flux dev take CLIP-L sized conditioning (context 768, pooled 768; SDXL's adm = pooled + 6 x 256 size
+    # embeddings), so the example workflows can run them with the tiny SD1.5 checkpoint's real CLIP-L.
+    "sdxl": Family("SDXL", dict(_UNET, in_channels=4, out_channels=4, model_channels=32, context_dim=768,
                                 transformer_depth=[0, 1], transformer_depth_output=[0, 0, 1, 1], use_linear_in_transformer=True,
-                                num_classes="sequential", adm_in_channels=2816), (4, 8, 8), 4, 64,
-                   {"pooled_output": (1, 1280)}, {"width": 64, "height": 64}),
+                                num_classes="sequential", adm_in_channels=768 + 6 * 256), (4, 8, 8), 4, 768,
+                   {"pooled_output": (1, 768)}, {"width": 64, "height": 64}),
     "sd35": Family("SD3", dict(in_channels=16, out_channels=16, patch_size=2, depth=2, input_size=None, adm_in_channels=64,
                                context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 128}},
                                pos_embed_max_size=8, num_patches=64, pos_embed_scaling_factor=None, qk_norm="rms",
@@ -67,9 +69,9 @@ FAMILIES: dict[str, Family] = {
         caption_channels=64, model_max_length=8, micro_condition=False, pe_interpolation=1, learn_sigma=True,
         pred_sigma=True), (4, 40, 40), 4, 64),  # PixArt sizes its position table from (H+W)/2: at least 40
     "flux_dev": Family("Flux", dict(
-        image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64, hidden_size=64,
+        image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=768, hidden_size=64,
         mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000, patch_size=2,
-        qkv_bias=True, guidance_embed=True, txt_ids_dims=[]), (16, 8, 8), 4, 64, {"pooled_output": (1, 32)},
+        qkv_bias=True, guidance_embed=True, txt_ids_dims=[]), (16, 8, 8), 4, 768, {"pooled_output": (1, 768)},
         {"guidance": 3.5}),
     "flux_schnell": Family("FluxSchnell", dict(
         image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64, hidden_size=64,
