@@ -3,8 +3,8 @@ pack's nodes in a real ComfyUI.
 
 Per family:
 * Load PaRa with a native name, a LoRA-style alias (kohya / diffusers, from ComfyUI's own LoRA key map) and,
-  where the family has fused projections, a sliced alias: patched weights against float64;
-  PaRa, then ComfyUI's LoRA loader on the same layer: against float64.
+  where the family has fused projections, a sliced alias: patched weights against float64; Merge PaRa
+  (sequential) then Apply PaRa, and PaRa then ComfyUI's LoRA loader on the same layer: against float64.
 * The presets are decided from the model's classes, and ExCA drops the family's cross-attention and
   time-embedding analogues (the groups listed in issue 7).
 * Train PaRa through ComfyUI's executor: finite losses; on SD1.5, SDXL, Flux, Qwen-Image and Wan 24 steps
@@ -156,7 +156,7 @@ def _aliases(patcher, linears: list[str]):
 
 # ---- Load PaRa, PaRa + LoRA --------------------------------------------------------------------------
 @pytest.mark.parametrize("fam", FAMILY_KEYS)
-def test_apply_native_and_lora_names_and_lora_after_para(comfy, fam):
+def test_apply_native_and_lora_names_merge_and_lora_after_para(comfy, fam):
     model = F.build(fam)
     shapes = _candidates(model)
     linears = [n for n, s in shapes.items() if len(s) == 2 and s[0] >= 8]
@@ -174,11 +174,17 @@ def test_apply_native_and_lora_names_and_lora_after_para(comfy, fam):
     up, down = _rand((shapes[native][0], 2), 4) * 0.05, _rand((2, shapes[native][1]), 5) * 0.05
     comfy.write_safetensors("loras", f"fam_{fam}_lora.safetensors", {
         f"{native}.lora_up.weight": up, f"{native}.lora_down.weight": down, f"{native}.alpha": torch.tensor(1.0)})
-    loader = comfy.nodes.NODE_CLASS_MAPPINGS["PaRaLoader"]
+    second = [_rand((shapes[native][0], 2), 6)]
+    comfy.write_para(f"fam_{fam}_b.safetensors", {native: second})
+    nodes = comfy.nodes.NODE_CLASS_MAPPINGS
     with torch.inference_mode():
-        out = loader.execute(model=model, para_name=f"fam_{fam}.safetensors", strength_model=1.0, strength_clip=1.0)
+        out = nodes["PaRaLoader"].execute(model=model, para_name=f"fam_{fam}.safetensors", strength_model=1.0, strength_clip=1.0)
         patched = out.args[0]
         lora_after = comfy.nodes.LoraLoaderModelOnly().load_lora_model_only(patched, f"fam_{fam}_lora.safetensors", 1.0)[0]
+        para_b = nodes["PaRaLoader"].execute(model=model, para_name=f"fam_{fam}_b.safetensors", strength_model=1.0,
+                                             strength_clip=1.0).args[2]
+        merged = nodes["PaRaMerge"].execute(para_a=out.args[2], para_b=para_b, mode="sequential").args[0]
+        merged_model = nodes["PaRaApply"].execute(model=model, para=merged, strength_model=1.0, strength_clip=1.0).args[0]
     n = len(stages)
     assert f"model: {n} layers patched" in out.ui.as_dict()["text"][0]
     base = comfy.base_state_dict(model)
@@ -193,6 +199,8 @@ def test_apply_native_and_lora_names_and_lora_after_para(comfy, fam):
     assert all(torch.equal(v, base[k]) for k, v in got.items() if k not in expect)
     w = comfy.patched_state_dict(lora_after, [native + ".weight"])[native + ".weight"]
     _close(w, project64(base[native + ".weight"], stages[native]) + (1.0 / 2) * up.double() @ down.double(), f"{fam} PaRa + LoRA")
+    w = comfy.patched_state_dict(merged_model, [native + ".weight"])[native + ".weight"]
+    _close(w, project64(base[native + ".weight"], stages[native] + second), f"{fam} Merge PaRa (sequential)")
 
 
 # ---- presets ---------------------------------------------------------------------------------------
@@ -286,3 +294,32 @@ def test_checkpointing_is_exact_and_compat_is_needed(comfy, fam_nodes, fam):
     finally:
         trainer_module.training_compat = saved
     assert "no autograd formula" in msg or "modified by an inplace operation" in msg, msg
+
+
+def test_training_compat_restores_everything_also_on_error(comfy):
+    """Inside: RoPE bindings point to kitchen's eager functions (when kitchen is installed), composite modules
+    have a forward wrapper and a saved-tensor hook is active; after an exception inside, every binding and
+    forward is the exact object it was, and the hook stack is as before."""
+    import importlib
+    flux_math = importlib.import_module("comfy.ldm.flux.math")
+    wan_model = importlib.import_module("comfy.ldm.wan.model")
+    quant_ops = importlib.import_module("comfy.quant_ops")
+    trainer_module = sys.modules[comfy.nodes.NODE_CLASS_MAPPINGS["PaRaTrainer"].__module__]
+    model = F.build("flux_dev")
+    dm = model.model.diffusion_model
+    bindings = (flux_math.apply_rope, flux_math.apply_rope1, wan_model.apply_rope1)
+    forwards = {id(m): ("forward" in m.__dict__, m.__dict__.get("forward")) for m in dm.modules()}
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    kitchen = getattr(quant_ops, "ck", None) is not None
+    with pytest.raises(RuntimeError, match="boom"):
+        with trainer_module.training_compat(model):
+            if kitchen:
+                assert flux_math.apply_rope is not bindings[0] and wan_model.apply_rope1 is not bindings[2]
+                assert flux_math.apply_rope.__module__.startswith("comfy_kitchen.backends.eager")
+            assert "forward" in dm.double_blocks[0].__dict__
+            assert torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+            raise RuntimeError("boom")
+    assert (flux_math.apply_rope, flux_math.apply_rope1, wan_model.apply_rope1) == bindings
+    assert all(bindings[i] is b for i, b in enumerate((flux_math.apply_rope, flux_math.apply_rope1, wan_model.apply_rope1)))
+    assert {id(m): ("forward" in m.__dict__, m.__dict__.get("forward")) for m in dm.modules()} == forwards
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) == top
