@@ -114,12 +114,18 @@ def _mark(fn):
     return fn
 
 
+# The innermost saved-tensor hooks (None if none). Private torch API; without it (older torch) every wrapper
+# pushes its own hook, also inside checkpointed units, which then keep copies of their activations: still
+# exact, but checkpointing saves no memory there (untested: the torch versions used here have the API).
+_top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", lambda ignore_is_tracing: None)
+
+
 class _SnapshotSaves:
     """saved_tensors_hooks that save copies of graph tensors. Under another hook (checkpointing's) it passes
     that hook a copy instead of the live tensor; under one of its own it does nothing (no double copy)."""
 
     def __enter__(self):
-        top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        top = _top_hooks(False)
         self.pushed = False
         self.under_foreign_hook = top is not None and not getattr(top[0], "_para_snapshot", False)
         if top is not None and not self.under_foreign_hook:
