@@ -29,7 +29,8 @@ ComfyUI's diffusion models are written for sampling, and two things in them brea
    require grad (so no saved-tensor hook sees it). Nested wrappers and the outer context do not copy twice.
    Cost: one copy of each saved activation (the originals are no longer kept by autograd, so the peak grows
    by the activations the forward code itself still holds, typically the residual stream); nothing for
-   frozen weights, which never require grad.
+   frozen weights, which never require grad. So this part is switched on only for the families that need it
+   (Flux, Chroma, Hunyuan, LTX) and for families the pack does not know; the RoPE part costs nothing.
 
 Everything is undone on exit, also on exceptions: module bindings and forwards are restored to the exact
 objects they were, and the hook is popped, so sampling in the same process afterwards is bit-identical to a
@@ -44,7 +45,14 @@ from contextlib import contextmanager
 
 import torch
 
+from ..para_core.targets import family_for_model
+
 log = logging.getLogger(__name__)
+
+# Families whose forward does not update a tensor autograd saved (no copies needed): every family measured
+# except Flux / Chroma / Hunyuan ("flux": residual `+=` on block inputs) and LTX (`addcmul_`, `+=`).
+_IN_PLACE_SAFE = frozenset({"unet", "mmdit", "auraflow", "cosmos_predict2", "cascade", "pixart", "lumina2",
+                            "qwen_image", "hidream", "wan"})
 
 _ROPE_PREFIXES = ("apply_rope", "rms_rope")
 _MODULE_PREFIXES = ("comfy.", "comfy_extras.")
@@ -189,21 +197,33 @@ def _diffusion_model(model) -> torch.nn.Module:
     raise TypeError(f"training_compat: expected a ModelPatcher, a BaseModel or a torch module, got {type(model).__name__}")
 
 
+def updates_saved_tensors_in_place(model) -> bool:
+    """Whether training this model needs the saved-tensor copies (part 2): True unless its family is one whose
+    forward was measured not to update saved tensors in place (plain and checkpointed training give the same
+    gradients without the copies; tests/integration/test_families.py). Unknown families get the copies."""
+    base = getattr(model, "model", model)
+    family = family_for_model(type(getattr(base, "model_config", None)).__name__,
+                              type(getattr(base, "diffusion_model", base)).__name__)
+    return family not in _IN_PLACE_SAFE
+
+
 @contextmanager
 def training_compat(model) -> Iterator[None]:
     """Inside: the model (ModelPatcher, BaseModel or diffusion model) can be trained (see the module docstring).
     Enter it before the trainer wraps layers or enables gradient checkpointing, so undo happens in reverse order."""
     dm = _diffusion_model(model)
     undo: list[Callable[[], None]] = []
-    hooks = _SnapshotSaves()
+    hooks = _SnapshotSaves() if updates_saved_tensors_in_place(model) else None
     try:
         undo.append(_route_rope_through_autograd())
-        undo.append(_wrap_forwards(_composite_modules(dm)))
-        hooks.__enter__()
+        if hooks is not None:
+            undo.append(_wrap_forwards(_composite_modules(dm)))
+            hooks.__enter__()
         try:
             yield
         finally:
-            hooks.__exit__(None, None, None)
+            if hooks is not None:
+                hooks.__exit__(None, None, None)
     finally:
         for u in reversed(undo):
             u()

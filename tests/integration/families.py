@@ -128,7 +128,8 @@ FAMILIES: dict[str, Family] = {
 
 def init_weights(module: torch.nn.Module, seed: int = GEN_SEED) -> None:
     """Explicit init (ComfyUI's ops leave parameters uninitialised): N(0, 1/fan_in) for ≥2-D weights and
-    tables, 1 for norm scales, N(0, 0.02²) for biases and other vectors; non-finite buffers zeroed."""
+    tables, 1 for norm scales, N(0, 0.02²) for biases and other vectors and for ≥2-D buffers that are part of
+    the state dict (uninitialised memory otherwise: runs would differ); other non-finite buffers zeroed."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -142,8 +143,13 @@ def init_weights(module: torch.nn.Module, seed: int = GEN_SEED) -> None:
                 p.fill_(1.0)
             else:
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * 0.02)
-        for _, b in module.named_buffers():
-            if b.is_floating_point() and not torch.isfinite(b).all():
+        persistent = set(module.state_dict())
+        for name, b in module.named_buffers():
+            if not b.is_floating_point():
+                continue
+            if name in persistent and b.ndim >= 2:  # checkpoint-loaded tables left torch.empty (SD3 pos_embed, PixArt y_embedding)
+                b.copy_(torch.randn(b.shape, generator=gen, dtype=torch.float32).to(b.dtype) * 0.02)
+            elif not torch.isfinite(b).all():
                 b.zero_()
 
 
