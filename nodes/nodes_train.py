@@ -55,13 +55,14 @@ import folder_paths
 from ..para_core.errors import ParaError
 from ..para_core.format import ParaModel, parse_training_metadata, stage_key
 from ..para_core.layer import DEFAULT_INIT, INITS, MODES, ParaLayer, ParaNetwork
-from ..para_core.targets import DEFAULT_GAMMA, DEFAULT_PRESET, PRESETS, TargetPlan, plan
+from ..para_core.targets import DEFAULT_GAMMA, DEFAULT_PRESET, PRESETS, TargetPlan, family_for_model, plan
 from ..para_core.train import (DTYPES, LOSS_FUNCTIONS, LOSS_SPACES, OPTIMIZERS, STATE_SUFFIX, TrainConfig,
                                TrainingLoop, checkpoint_units, enable_checkpointing, loss_value, make_optimizer,
                                prediction_residual, prediction_scale, read_state, restore_optimizer, save_with_state,
                                stages_b, state_path, step_seed)
 from . import folders
 from .para_adapter import apply_para
+from .train_compat import training_compat
 
 log = logging.getLogger(__name__)
 
@@ -475,7 +476,8 @@ class Trainer:
             layers = {m: ParaLayer(b) for m, b in sorted(stages_b(existing, state).items())}
             return ParaNetwork(layers, cfg.projection), p
         try:
-            p = plan(out_dims, cfg.targets, cfg.rank, cfg.rank_boundary, cfg.include, cfg.exclude)
+            p = plan(out_dims, cfg.targets, cfg.rank, cfg.rank_boundary, cfg.include, cfg.exclude, layout=family_for_model(
+                type(getattr(self.model.model, "model_config", None)).__name__, type(getattr(self.model.model, "diffusion_model", None)).__name__))
         except ValueError as e:
             raise ValueError(f"Train PaRa: {e}") from None
         if not p.ranks:
@@ -513,7 +515,7 @@ class Trainer:
         shared = _SharedModel(self.model, mp)
         undo = []
         bar = None
-        with torch.inference_mode(False):
+        with torch.inference_mode(False), training_compat(mp):  # rope/in-place fixes for backward, undone on exit
             try:  # from here on the shared torch model is borrowed: always give it back in finally
                 comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
                 base = mp.model

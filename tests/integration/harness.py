@@ -380,8 +380,13 @@ def _init_sd(module: torch.nn.Module) -> dict[str, torch.Tensor]:
                 p.fill_(1.0)
             else:
                 p.copy_(torch.randn(p.shape, generator=GEN) * 0.02)
+        persistent = set(module.state_dict())
         for name, b in module.named_buffers():
-            if b.is_floating_point() and b.device.type != "meta" and not torch.isfinite(b).all():
+            if not b.is_floating_point() or b.device.type == "meta":
+                continue
+            if name in persistent and b.ndim >= 2:  # checkpoint-loaded tables left torch.empty (e.g. SD3 pos_embed)
+                b.copy_(torch.randn(b.shape, generator=GEN) * 0.02)
+            elif not torch.isfinite(b).all():
                 b.zero_()
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 

@@ -1,0 +1,217 @@
+"""Tiny instances of every model family ComfyUI 0.8 loads, for the family matrix (test helpers).
+
+Each family is built the way ComfyUI builds a detected model - ``comfy.supported_models.<Class>(unet_config)``
+then ``get_model()`` - but with a small hand-written config instead of one detected from a checkpoint (the
+detectors hard-code full-size widths for most families, e.g. Flux hidden 3072). So the module names, the
+model classes (``model.model_config``, ``model.diffusion_model``), the latent formats, the sampling and the
+conditioning path (``extra_conds``) are ComfyUI's own; only widths and depths are small. Weights are
+initialised explicitly (ComfyUI's ops skip init): N(0, 1/fan_in) matrices, unit norm scales, small biases.
+
+``FAMILIES`` is the one table: family key -> Family(supported_models class, unet_config, latent shape of one
+sample (C, H, W) or (C, T, H, W), conditioning tokens x dim, extra conditioning tensors (pooled output,
+llama3 layers) and extra conditioning values).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+GEN_SEED = 1234
+
+
+@dataclass(frozen=True)
+class Family:
+    config_class: str                    # comfy.supported_models.<name>
+    unet_config: dict
+    latent: tuple                        # one sample: (C, H, W) or (C, T, H, W)
+    tokens: int                          # conditioning: (1, tokens, context_dim)
+    context_dim: int
+    extra_tensors: dict = field(default_factory=dict)   # name -> shape, e.g. pooled_output
+    extra_values: dict = field(default_factory=dict)    # name -> python value, e.g. guidance
+    video: bool = False
+
+
+_UNET = dict(use_checkpoint=False, image_size=32, use_spatial_transformer=True, legacy=False, num_res_blocks=[1, 1],
+             channel_mult=[1, 2], transformer_depth_middle=-2, use_temporal_resblock=False, use_temporal_attention=False,
+             num_head_channels=-1, num_heads=2)
+
+FAMILIES: dict[str, Family] = {
+    "sd15": Family("SD15", dict(_UNET, in_channels=4, out_channels=4, model_channels=32, context_dim=768,
+                                transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1], use_linear_in_transformer=False,
+                                adm_in_channels=None), (4, 8, 8), 4, 768),
+    # SDXL and Flux dev take CLIP-L sized conditioning (context 768, pooled 768; SDXL's adm = pooled + 6 x 256 size
+    # embeddings), so the example workflows can run them with the tiny SD1.5 checkpoint's real CLIP-L.
+    "sdxl": Family("SDXL", dict(_UNET, in_channels=4, out_channels=4, model_channels=32, context_dim=768,
+                                transformer_depth=[0, 1], transformer_depth_output=[0, 0, 1, 1], use_linear_in_transformer=True,
+                                num_classes="sequential", adm_in_channels=768 + 6 * 256), (4, 8, 8), 4, 768,
+                   {"pooled_output": (1, 768)}, {"width": 64, "height": 64}),
+    "sd35": Family("SD3", dict(in_channels=16, out_channels=16, patch_size=2, depth=2, input_size=None, adm_in_channels=64,
+                               context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 64, "out_features": 128}},
+                               pos_embed_max_size=8, num_patches=64, pos_embed_scaling_factor=None, qk_norm="rms",
+                               x_block_self_attn_layers=[0]), (16, 8, 8), 4, 64, {"pooled_output": (1, 64)}),
+    "auraflow": Family("AuraFlow", dict(in_channels=4, out_channels=4, patch_size=2, dim=64, n_layers=2, n_double_layers=1,
+                                        n_heads=2, global_conddim=64, cond_seq_dim=64, max_seq=64), (4, 8, 8), 4, 64),
+    "cosmos_predict2": Family("CosmosT2IPredict2", dict(
+        image_model="cosmos_predict2", max_img_h=64, max_img_w=64, max_frames=8, in_channels=16, out_channels=16,
+        patch_spatial=2, patch_temporal=1, concat_padding_mask=True, model_channels=64, num_blocks=2, num_heads=2,
+        crossattn_emb_channels=64, pos_emb_cls="rope3d", pos_emb_learnable=True, pos_emb_interpolation="crop",
+        min_fps=1, max_fps=30, use_adaln_lora=True, adaln_lora_dim=16, extra_per_block_abs_pos_emb=False,
+        rope_h_extrapolation_ratio=4.0, rope_w_extrapolation_ratio=4.0, rope_t_extrapolation_ratio=1.0,
+        extra_h_extrapolation_ratio=1.0, extra_w_extrapolation_ratio=1.0, extra_t_extrapolation_ratio=1.0,
+        rope_enable_fps_modulation=False), (16, 1, 8, 8), 4, 64, video=True),
+    "cascade_c": Family("Stable_Cascade_C", dict(
+        stable_cascade_stage="c", c_in=16, c_out=16, c_r=32, c_cond=64, c_hidden=[64, 64], nhead=[2, 2],
+        blocks=[[1, 1], [1, 1]], block_repeat=[[1, 1], [1, 1]], level_config=["CTA", "CTA"], c_clip_text=64,
+        c_clip_text_pooled=64, c_clip_img=768, c_clip_seq=4), (16, 8, 8), 4, 64, {"pooled_output": (1, 1, 64)}),
+    "pixart_sigma": Family("PixArtSigma", dict(
+        image_model="pixart_sigma", input_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=2,
+        caption_channels=64, model_max_length=8, micro_condition=False, pe_interpolation=1, learn_sigma=True,
+        pred_sigma=True), (4, 40, 40), 4, 64),  # PixArt sizes its position table from (H+W)/2: at least 40
+    "flux_dev": Family("Flux", dict(
+        image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=768, hidden_size=64,
+        mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000, patch_size=2,
+        qkv_bias=True, guidance_embed=True, txt_ids_dims=[]), (16, 8, 8), 4, 768, {"pooled_output": (1, 768)},
+        {"guidance": 3.5}),
+    "flux_schnell": Family("FluxSchnell", dict(
+        image_model="flux", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64, hidden_size=64,
+        mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000, patch_size=2,
+        qkv_bias=True, guidance_embed=False, txt_ids_dims=[]), (16, 8, 8), 4, 64, {"pooled_output": (1, 32)}),
+    "chroma": Family("Chroma", dict(
+        image_model="chroma", in_channels=64, out_channels=64, context_in_dim=64, hidden_size=64, mlp_ratio=4.0,
+        num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True,
+        in_dim=64, out_dim=64, hidden_dim=64, n_layers=2, txt_ids_dims=[], vec_in_dim=None), (16, 8, 8), 4, 64,
+        extra_values={"pooled_output": None}),
+    "lumina2": Family("Lumina2", dict(
+        image_model="lumina2", patch_size=2, in_channels=16, dim=64, cap_feat_dim=64, n_layers=2, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=1, qk_norm=True, axes_dims=[8, 12, 12], axes_lens=[300, 64, 64], rope_theta=10000.0,
+        ffn_dim_multiplier=4.0, multiple_of=16), (16, 8, 8), 4, 64),
+    "z_image": Family("ZImage", dict(
+        image_model="lumina2", patch_size=2, in_channels=16, dim=256, cap_feat_dim=64, n_layers=2, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, qk_norm=True, axes_dims=[32, 48, 48], axes_lens=[64, 64, 64], rope_theta=256.0,
+        ffn_dim_multiplier=8.0 / 3.0, multiple_of=16, z_image_modulation=True, time_scale=1000.0,
+        pad_tokens_multiple=8), (16, 8, 8), 4, 64),
+    "qwen_image": Family("QwenImage", dict(
+        image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32,
+        num_attention_heads=2, joint_attention_dim=64, axes_dims_rope=(8, 12, 12)), (16, 1, 8, 8), 4, 64),
+    "hidream": Family("HiDream", dict(
+        image_model="hidream", patch_size=2, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1,
+        attention_head_dim=32, num_attention_heads=2, caption_channels=[64, 64], text_emb_dim=32,
+        num_routed_experts=2, num_activated_experts=1, axes_dims_rope=(16, 8, 8), max_resolution=(16, 16),
+        llama_layers=[0, 1]), (16, 8, 8), 4, 64,
+        {"pooled_output": (1, 32), "conditioning_llama3": (1, 2, 4, 64)}),
+    "hunyuan_video": Family("HunyuanVideo", dict(
+        image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=32, context_in_dim=64,
+        hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=256,
+        patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False,
+        use_cond_type_embedding=False, vision_in_dim=None, meanflow_sum=False), (16, 3, 8, 8), 4, 64,
+        {"pooled_output": (1, 32)}, {"guidance": 6.0}, video=True),
+    "hunyuan_image21": Family("HunyuanImage21", dict(
+        image_model="hunyuan_video", in_channels=64, out_channels=64, vec_in_dim=None, context_in_dim=64,
+        hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[16, 16], theta=256,
+        patch_size=[1, 1], qkv_bias=True, guidance_embed=False, byt5=False, meanflow=False,
+        use_cond_type_embedding=False, vision_in_dim=None, meanflow_sum=False), (64, 4, 4), 4, 64),
+    "wan21": Family("WAN21_T2V", dict(
+        image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), text_len=8, in_dim=16, dim=64, ffn_dim=128,
+        freq_dim=32, text_dim=64, out_dim=16, num_heads=2, num_layers=2, window_size=(-1, -1), qk_norm=True,
+        cross_attn_norm=True, eps=1e-6), (16, 3, 8, 8), 4, 64, video=True),
+    "wan22_5b": Family("WAN22_T2V", dict(
+        image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), text_len=8, in_dim=48, dim=64, ffn_dim=128,
+        freq_dim=32, text_dim=64, out_dim=48, num_heads=2, num_layers=2, window_size=(-1, -1), qk_norm=True,
+        cross_attn_norm=True, eps=1e-6), (48, 3, 8, 8), 4, 64, video=True),
+    "ltxv": Family("LTXV", dict(
+        image_model="ltxv", in_channels=128, cross_attention_dim=64, attention_head_dim=32, num_attention_heads=2,
+        caption_channels=64, num_layers=2), (128, 2, 4, 4), 4, 64,
+        extra_values={"attention_mask": torch.ones(1, 4, dtype=torch.long)}, video=True),
+}
+
+
+def init_weights(module: torch.nn.Module, seed: int = GEN_SEED) -> None:
+    """Explicit init (ComfyUI's ops leave parameters uninitialised): N(0, 1/fan_in) for ≥2-D weights and
+    tables, 1 for norm scales, N(0, 0.02²) for biases and other vectors and for ≥2-D buffers that are part of
+    the state dict (uninitialised memory otherwise: runs would differ); other non-finite buffers zeroed."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            owner = name.rsplit(".", 2)[-2] if name.count(".") >= 1 else ""
+            is_norm = any(s in owner.lower() for s in ("norm", "ln")) or leaf in ("scale", "gamma")
+            if p.ndim >= 2:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) / fan_in ** 0.5)
+            elif is_norm and leaf in ("weight", "scale", "gamma"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * 0.02)
+        persistent = set(module.state_dict())
+        for name, b in module.named_buffers():
+            if not b.is_floating_point():
+                continue
+            if name in persistent and b.ndim >= 2:  # checkpoint-loaded tables left torch.empty (SD3 pos_embed, PixArt y_embedding)
+                b.copy_(torch.randn(b.shape, generator=gen, dtype=torch.float32).to(b.dtype) * 0.02)
+            elif not torch.isfinite(b).all():
+                b.zero_()
+
+
+_BUILT: dict[str, object] = {}
+
+
+def build(key: str):
+    """A ModelPatcher of the tiny `key` family (CPU, fp32 weights), built once per process; returns a clone."""
+    if key not in _BUILT:
+        import comfy.model_patcher
+        import comfy.supported_models
+        fam = FAMILIES[key]
+        mc = getattr(comfy.supported_models, fam.config_class)(dict(fam.unet_config))
+        mc.set_inference_dtype(torch.float32, None)
+        model = mc.get_model({}, "", device="cpu")
+        init_weights(model.diffusion_model)
+        model.eval()
+        _BUILT[key] = comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+    return _BUILT[key].clone()
+
+
+def conditioning(key: str, seed: int = 1, n: int = 1) -> list:
+    """A CONDITIONING value for `key`: n entries [(1, tokens, dim), {extras}] with fixed random tensors."""
+    fam = FAMILIES[key]
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        extras = {k: torch.randn(s, generator=gen) for k, s in fam.extra_tensors.items()}
+        extras.update(fam.extra_values)
+        out.append([torch.randn(1, fam.tokens, fam.context_dim, generator=gen), extras])
+    return out
+
+
+def latents(key: str, n: int = 2, seed: int = 0) -> torch.Tensor:
+    """n smooth structured latents (low-frequency sinusoids per channel, also along time) of `key`'s shape."""
+    shape = FAMILIES[key].latent
+    gen = torch.Generator().manual_seed(seed)
+    grids = torch.meshgrid(*[torch.linspace(0, 1, s) for s in shape[1:]], indexing="ij")
+    out = torch.zeros((n,) + tuple(shape))
+    for i in range(n):
+        for c in range(shape[0]):
+            f = torch.rand(len(grids) + 1, generator=gen)
+            phase = sum(3.0 * f[j] * g for j, g in enumerate(grids)) + 6.28 * f[-1]
+            out[i, c] = torch.sin(6.28 * phase) * (1.0 + 0.1 * (c % 4))
+    return out
+
+
+def model_conds(patcher, key: str, x: torch.Tensor, seed: int = 1) -> dict:
+    """The model kwargs ComfyUI's sampler would pass for `key`'s conditioning on latent x (process_conds)."""
+    import comfy.sampler_helpers
+    import comfy.samplers
+    base = patcher.model
+    c = comfy.samplers.process_conds(base, x, {"positive": comfy.sampler_helpers.convert_cond(conditioning(key, seed))},
+                                     torch.device("cpu"), seed=0)
+    entry = c["positive"][0]
+    return {k: v.process_cond(batch_size=x.shape[0], area=None).cond for k, v in entry["model_conds"].items()}
+
+
+def forward(patcher, key: str, x: torch.Tensor, sigma: float = 0.5) -> torch.Tensor:
+    """One denoiser evaluation (apply_model) of the model as it is now, at σ, on x (already process_latent_in)."""
+    base = patcher.model
+    kw = model_conds(patcher, key, x)
+    s = torch.full((x.shape[0],), float(base.model_sampling.percent_to_sigma(sigma)))
+    with torch.no_grad():
+        return base.apply_model(x, s, transformer_options={"sigmas": s, "cond_or_uncond": [0] * x.shape[0]}, **kw)

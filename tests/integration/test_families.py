@@ -1,0 +1,335 @@
+"""The family matrix: every model family ComfyUI 0.8 loads, as a tiny instance (families.py), through the
+pack's nodes in a real ComfyUI.
+
+Per family:
+* Load PaRa with a native name, a LoRA-style alias (kohya / diffusers, from ComfyUI's own LoRA key map) and,
+  where the family has fused projections, a sliced alias: patched weights against float64; Merge PaRa
+  (sequential) then Apply PaRa, and PaRa then ComfyUI's LoRA loader on the same layer: against float64.
+* The presets are decided from the model's classes, and ExCA drops the family's cross-attention and
+  time-embedding analogues (the groups listed in issue 7).
+* Train PaRa through ComfyUI's executor: finite losses; on SD1.5, SDXL, Flux, Qwen-Image and Wan 24 steps
+  whose loss falls; checkpointing and dtype spread over the families; video families on multi-frame latents.
+  The denoiser evaluated on fixed inputs after training equals, bit for bit, the one before (nothing the
+  trainer or training_compat changed is left behind). Save PaRa -> Load PaRa gives bit-identical weights.
+* Gradient checkpointing computes the same losses, bit for bit, as plain backward (in-place and other
+  families), and without training_compat Flux, LTX and Qwen-Image fail at backward with ComfyUI's error.
+
+Three test-only input nodes (registered here, like test_train_node.py's) hand the tiny model, latents and
+conditioning to the graph; nothing of the pack or of ComfyUI is replaced.
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+
+import families as F
+from harness import project64
+
+FAMILY_KEYS = list(F.FAMILIES)
+
+# Train PaRa settings per family: (steps, gradient_checkpointing, training_dtype). 24 steps where the loss
+# must fall; elsewhere 3 steps; checkpointing and bf16 spread so that each occurs on several layouts.
+TRAIN = {
+    "sd15": (24, False, "fp32"), "sdxl": (24, True, "fp32"), "flux_dev": (24, False, "fp32"),
+    "qwen_image": (24, True, "fp32"), "wan21": (24, False, "bf16"),
+    "sd35": (3, True, "bf16"), "auraflow": (3, False, "bf16"), "cosmos_predict2": (3, True, "fp32"),
+    "cascade_c": (3, False, "fp32"), "pixart_sigma": (3, True, "bf16"), "flux_schnell": (3, True, "bf16"),
+    "chroma": (3, True, "fp32"), "lumina2": (3, False, "bf16"), "z_image": (3, True, "fp32"),
+    "hidream": (3, False, "fp32"), "hunyuan_video": (3, True, "bf16"), "hunyuan_image21": (3, False, "fp32"),
+    "wan22_5b": (3, True, "fp32"), "ltxv": (3, True, "bf16"),
+}
+
+# (family key in para_core.targets, name fragments ExCA must drop: issue 7's list per family)
+EXCA_DROPS = {
+    "sd15": ("unet", ["attn2.", "time_embed.", "emb_layers."]),
+    "sdxl": ("unet", ["attn2.", "time_embed.", "label_emb.", "emb_layers."]),
+    "sd35": ("mmdit", ["context_block.", "context_embedder", "t_embedder.", "y_embedder.", "adaLN_modulation"]),
+    "auraflow": ("auraflow", ["cond_seq_linear", "modC.", "modX.", "modCX.", "modF.", "double_layers.0.attn.w1",
+                              "double_layers.0.mlpC.", "t_embedder."]),
+    "cosmos_predict2": ("cosmos_predict2", [".cross_attn.", "adaln_modulation", "t_embedder."]),
+    "cascade_c": ("cascade", ["clip_txt_mapper", "clip_txt_pooled_mapper", "clip_img_mapper", "kv_mapper", ".mapper",
+                              "mapper_sca", "mapper_crp"]),
+    "pixart_sigma": ("pixart", ["t_block.", "t_embedder.", "y_embedder.", "cross_attn."]),
+    "flux_dev": ("flux", ["txt_in", "txt_attn.", "txt_mlp.", "txt_mod.", "img_mod.", "modulation", "time_in.",
+                          "vector_in.", "guidance_in."]),
+    "flux_schnell": ("flux", ["txt_in", "txt_attn.", "txt_mlp.", "txt_mod.", "img_mod.", "modulation", "time_in.",
+                              "vector_in."]),
+    "chroma": ("flux", ["distilled_guidance_layer", "txt_in", "txt_attn.", "txt_mlp."]),
+    "lumina2": ("lumina2", ["context_refiner.", "cap_embedder.", "t_embedder.", "adaLN_modulation"]),
+    "z_image": ("lumina2", ["context_refiner.", "cap_embedder.", "t_embedder.", "adaLN_modulation"]),
+    "qwen_image": ("qwen_image", ["txt_in", "img_mod.", "txt_mod.", "txt_mlp.", "add_q_proj", "add_k_proj",
+                                  "add_v_proj", "to_add_out", "time_text_embed."]),
+    "hidream": ("hidream", ["caption_projection", "t_embedder.", "p_embedder.", "adaLN_modulation", "_t", "ff_t."]),
+    "hunyuan_video": ("flux", ["txt_in.", "txt_attn.", "txt_mlp.", "txt_mod.", "img_mod.", "modulation", "time_in.",
+                               "vector_in.", "guidance_in."]),
+    "hunyuan_image21": ("flux", ["txt_in.", "txt_attn.", "txt_mlp.", "txt_mod.", "img_mod.", "modulation", "time_in."]),
+    "wan21": ("wan", ["text_embedding", "time_embedding", "time_projection", ".cross_attn."]),
+    "wan22_5b": ("wan", ["text_embedding", "time_embedding", "time_projection", ".cross_attn."]),
+    "ltxv": ("ltxv", ["adaln_single", "caption_projection", "attn2."]),
+}
+
+
+class _FamilyModel:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (FAMILY_KEYS,)}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "make"
+    CATEGORY = "_for_testing"
+
+    def make(self, family):
+        return (F.build(family),)
+
+
+class _FamilyLatents:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (FAMILY_KEYS,), "n": ("INT", {"default": 2}), "seed": ("INT", {"default": 0})}}
+
+    RETURN_TYPES = ("LATENT",)
+    FUNCTION = "make"
+    CATEGORY = "_for_testing"
+
+    def make(self, family, n, seed):
+        return ({"samples": F.latents(family, n, seed)},)
+
+
+class _FamilyConditioning:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (FAMILY_KEYS,), "seed": ("INT", {"default": 1})}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "make"
+    CATEGORY = "_for_testing"
+
+    def make(self, family, seed):
+        return (F.conditioning(family, seed),)
+
+
+@pytest.fixture(scope="module")
+def fam_nodes(comfy):
+    m = comfy.nodes.NODE_CLASS_MAPPINGS
+    m.setdefault("ParaTestFamilyModel", _FamilyModel)
+    m.setdefault("ParaTestFamilyLatents", _FamilyLatents)
+    m.setdefault("ParaTestFamilyConditioning", _FamilyConditioning)
+    return True
+
+
+def _candidates(patcher) -> dict[str, torch.Size]:
+    """{module name: weight shape} of the modules the trainer (and ComfyUI's LoRA trainer) can train."""
+    return {n: m.weight.shape for n, m in patcher.model.named_modules()
+            if hasattr(m, "weight_function") and getattr(m, "weight", None) is not None and m.weight.ndim >= 2}
+
+
+def _close(actual: torch.Tensor, ref64: torch.Tensor, what: str):
+    scale = float(ref64.abs().max())
+    err = float((actual.to(torch.float64) - ref64).abs().max())
+    assert err <= 2e-6 * scale, f"{what}: max error {err:.3e} vs scale {scale:.3e}"
+
+
+def _rand(shape, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _aliases(patcher, linears: list[str]):
+    """From ComfyUI's LoRA key map: a LoRA-style alias (kohya, else diffusers) of one of `linears`, and a
+    sliced alias ((key, (dim, start, size)) target: fused qkv / linear1) if the family has one."""
+    import comfy.lora
+    key_map = comfy.lora.model_lora_keys_unet(patcher.model, {})
+    plain = None
+    for prefer in ("lora_unet_", "transformer.", ""):
+        for alias, target in key_map.items():
+            if (isinstance(target, str) and alias.startswith(prefer) and not alias.startswith("diffusion_model.")
+                    and target[:-len(".weight")] in linears[1:]):
+                plain = (alias, target)
+                break
+        if plain:
+            break
+    sliced = next(((a, t) for a, t in key_map.items() if isinstance(t, tuple) and len(t) == 2), None)
+    return plain, sliced
+
+
+# ---- Load PaRa, PaRa + LoRA --------------------------------------------------------------------------
+@pytest.mark.parametrize("fam", FAMILY_KEYS)
+def test_apply_native_and_lora_names_merge_and_lora_after_para(comfy, fam):
+    model = F.build(fam)
+    shapes = _candidates(model)
+    linears = [n for n, s in shapes.items() if len(s) == 2 and s[0] >= 8]
+    native = linears[0]
+    plain, sliced = _aliases(model, linears)
+    assert plain is not None, f"{fam}: ComfyUI's LoRA key map has no alias for a linear layer"
+    stages = {native: [_rand((shapes[native][0], 3), 1)], plain[0]: [_rand((shapes[plain[1][:-7]][0], 2), 2)]}
+    expect = {native + ".weight": (None, stages[native]), plain[1]: (None, stages[plain[0]])}
+    if sliced is not None:
+        key, (dim, start, size) = sliced[1][0], sliced[1][1]
+        assert dim == 0
+        stages[sliced[0]] = [_rand((size, 2), 3)]
+        expect[key] = ((start, size), stages[sliced[0]])
+    comfy.write_para(f"fam_{fam}.safetensors", stages)
+    up, down = _rand((shapes[native][0], 2), 4) * 0.05, _rand((2, shapes[native][1]), 5) * 0.05
+    comfy.write_safetensors("loras", f"fam_{fam}_lora.safetensors", {
+        f"{native}.lora_up.weight": up, f"{native}.lora_down.weight": down, f"{native}.alpha": torch.tensor(1.0)})
+    second = [_rand((shapes[native][0], 2), 6)]
+    comfy.write_para(f"fam_{fam}_b.safetensors", {native: second})
+    nodes = comfy.nodes.NODE_CLASS_MAPPINGS
+    with torch.inference_mode():
+        out = nodes["PaRaLoader"].execute(model=model, para_name=f"fam_{fam}.safetensors", strength_model=1.0, strength_clip=1.0)
+        patched = out.args[0]
+        lora_after = comfy.nodes.LoraLoaderModelOnly().load_lora_model_only(patched, f"fam_{fam}_lora.safetensors", 1.0)[0]
+        para_b = nodes["PaRaLoader"].execute(model=model, para_name=f"fam_{fam}_b.safetensors", strength_model=1.0,
+                                             strength_clip=1.0).args[2]
+        merged = nodes["PaRaMerge"].execute(para_a=out.args[2], para_b=para_b, mode="sequential").args[0]
+        merged_model = nodes["PaRaApply"].execute(model=model, para=merged, strength_model=1.0, strength_clip=1.0).args[0]
+    n = len(stages)
+    assert f"model: {n} layers patched" in out.ui.as_dict()["text"][0]
+    base = comfy.base_state_dict(model)
+    got = comfy.patched_state_dict(patched)
+    for key, (rows, chain) in expect.items():
+        if rows is None:
+            _close(got[key], project64(base[key], chain), f"{fam} {key}")
+        else:
+            s, size = rows
+            _close(got[key][s:s + size], project64(base[key][s:s + size], chain), f"{fam} {key} rows {s}..{s + size}")
+            assert torch.equal(got[key][:s], base[key][:s]) and torch.equal(got[key][s + size:], base[key][s + size:])
+    assert all(torch.equal(v, base[k]) for k, v in got.items() if k not in expect)
+    w = comfy.patched_state_dict(lora_after, [native + ".weight"])[native + ".weight"]
+    _close(w, project64(base[native + ".weight"], stages[native]) + (1.0 / 2) * up.double() @ down.double(), f"{fam} PaRa + LoRA")
+    w = comfy.patched_state_dict(merged_model, [native + ".weight"])[native + ".weight"]
+    _close(w, project64(base[native + ".weight"], stages[native] + second), f"{fam} Merge PaRa (sequential)")
+
+
+# ---- presets ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fam", FAMILY_KEYS)
+def test_presets_follow_the_model_class(fam):
+    from para_core.targets import family_for_model, plan
+    model = F.build(fam)
+    key, drops = EXCA_DROPS[fam]
+    base = model.model
+    assert family_for_model(type(base.model_config).__name__, type(base.diffusion_model).__name__) == key
+    out_dims = {n: s[0] for n, s in _candidates(model).items()}
+    exca = set(plan(out_dims, "ExCA", layout=key).names)
+    dropped = {n for n in out_dims if any(d in n for d in drops)}
+    assert dropped and exca and not (dropped & exca), sorted(dropped & exca)
+    self_attn = set(plan(out_dims, "self_attention", layout=key).names)
+    attn = set(plan(out_dims, "attention", layout=key).names)
+    assert self_attn and self_attn < attn <= set(out_dims)
+
+
+# ---- Train PaRa --------------------------------------------------------------------------------------
+def _train_graph(g, fam, steps, ckpt, dtype, seed=0):
+    model = g.node("ParaTestFamilyModel", family=fam)
+    lat = g.node("ParaTestFamilyLatents", family=fam, n=2, seed=0)
+    cond = g.node("ParaTestFamilyConditioning", family=fam, seed=1)
+    tr = g.node("PaRaTrainer", model=model.out(0), latents=lat.out(0), positive=cond.out(0), batch_size=2,
+                grad_accumulation_steps=1, steps=steps, learning_rate=0.02, rank=4, optimizer="AdamW",
+                loss_function="MSE", seed=seed, training_dtype=dtype, gradient_checkpointing=ckpt, targets="ExCA",
+                include="", exclude="", rank_boundary=0.25, loss_space="prediction", existing_para="[None]",
+                save_every=0, preview_every=0)
+    return model, tr
+
+
+def _fixed_forward(fam):
+    m = F.build(fam)
+    x = m.model.process_latent_in(F.latents(fam, 2, seed=7))
+    return F.forward(m, fam, x, 0.4)
+
+
+@pytest.mark.parametrize("fam", FAMILY_KEYS)
+def test_train_save_load_and_model_restored(comfy, fam_nodes, fam):
+    steps, ckpt, dtype = TRAIN[fam]
+    before = _fixed_forward(fam)
+    g = comfy.graph(f"tr_{fam}.")
+    _, tr = _train_graph(g, fam, steps, ckpt, dtype)
+    sv = g.node("PaRaSave", para=tr.out(1), filename_prefix=f"para/fam_{fam}_trained")
+    g.node("PreviewAny", source=tr.out(0))
+    ui = comfy.run(g.finalize())
+    key = EXCA_DROPS[fam][0]
+    assert f"(ExCA, {key})" in ui[tr.id]["text"][0]
+    losses = comfy.output(tr.id, 2)["loss"]
+    assert len(losses) == steps and all(math.isfinite(v) for v in losses), losses
+    if steps >= 20:
+        assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8, losses  # per-step noise and σ differ: compare means
+    trained = comfy.output(tr.id, 0)
+    saved = ui[sv.id]["text"][0].split()[1].rstrip(":")  # "saved para/<name>: ..."
+    assert saved.startswith("para/")
+    g2 = comfy.graph(f"ld_{fam}.")
+    m = g2.node("ParaTestFamilyModel", family=fam)
+    ld = g2.node("PaRaLoader", model=m.out(0), para_name=saved[len("para/"):], strength_model=1.0, strength_clip=1.0)
+    g2.node("PreviewAny", source=ld.out(0))
+    comfy.run(g2.finalize())
+    a = comfy.patched_state_dict(trained)
+    b = comfy.patched_state_dict(comfy.output(ld.id, 0))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], v) for k, v in comfy.base_state_dict(trained).items())  # training changed weights
+    after = _fixed_forward(fam)
+    assert torch.equal(before, after), f"{fam}: the model computes differently after training"
+
+
+@pytest.mark.parametrize("fam", ["flux_dev", "hunyuan_video", "ltxv", "qwen_image", "wan21", "sd35"])
+def test_checkpointing_gives_the_same_losses_bit_for_bit(comfy, fam_nodes, fam):
+    """Checkpointed and plain backward give the same losses bit for bit: in the in-place families (Flux,
+    Hunyuan, LTX) the recomputation works on copies; in the others nothing needs copying."""
+    runs = {}
+    for ckpt in (False, True):
+        g = comfy.graph(f"ck_{fam}_{ckpt}.")
+        _, tr = _train_graph(g, fam, 4, ckpt, "fp32", seed=3)
+        g.node("PreviewAny", source=tr.out(0))
+        comfy.run(g.finalize())
+        runs[ckpt] = comfy.output(tr.id, 2)["loss"]
+    assert runs[False] == runs[True]
+
+
+@pytest.mark.parametrize("fam", ["flux_dev", "ltxv", "qwen_image"])
+def test_without_training_compat_backward_fails(comfy, fam_nodes, fam):
+    """What training_compat fixes: without it the run fails at backward with ComfyUI's error (kitchen's RoPE
+    op has no autograd formula; LTX updates a saved tensor in place)."""
+    trainer_module = sys.modules[comfy.nodes.NODE_CLASS_MAPPINGS["PaRaTrainer"].__module__]
+    import contextlib
+    import importlib
+    kitchen = getattr(importlib.import_module("comfy.quant_ops"), "ck", None) is not None
+    if fam == "qwen_image" and not kitchen:
+        pytest.skip("without comfy_kitchen ComfyUI's own RoPE is pure torch: Qwen-Image trains without the fix")
+    saved = trainer_module.training_compat
+    trainer_module.training_compat = lambda model: contextlib.nullcontext()
+    try:
+        g = comfy.graph(f"nc_{fam}.")
+        _, tr = _train_graph(g, fam, 2, False, "fp32", seed=4)
+        g.node("PreviewAny", source=tr.out(0))
+        msg = comfy.run_failing(g.finalize())
+    finally:
+        trainer_module.training_compat = saved
+    assert "no autograd formula" in msg or "modified by an inplace operation" in msg, msg
+
+
+def test_training_compat_restores_everything_also_on_error(comfy):
+    """Inside: RoPE bindings point to kitchen's eager functions (when kitchen is installed), composite modules
+    have a forward wrapper and a saved-tensor hook is active; after an exception inside, every binding and
+    forward is the exact object it was, and the hook stack is as before."""
+    import importlib
+    flux_math = importlib.import_module("comfy.ldm.flux.math")
+    wan_model = importlib.import_module("comfy.ldm.wan.model")
+    quant_ops = importlib.import_module("comfy.quant_ops")
+    trainer_module = sys.modules[comfy.nodes.NODE_CLASS_MAPPINGS["PaRaTrainer"].__module__]
+    model = F.build("flux_dev")
+    dm = model.model.diffusion_model
+    bindings = (flux_math.apply_rope, flux_math.apply_rope1, wan_model.apply_rope1)
+    forwards = {id(m): ("forward" in m.__dict__, m.__dict__.get("forward")) for m in dm.modules()}
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    kitchen = getattr(quant_ops, "ck", None) is not None
+    with pytest.raises(RuntimeError, match="boom"):
+        with trainer_module.training_compat(model):
+            if kitchen:
+                assert flux_math.apply_rope is not bindings[0] and wan_model.apply_rope1 is not bindings[2]
+                assert flux_math.apply_rope.__module__.startswith("comfy_kitchen.backends.eager")
+            assert "forward" in dm.double_blocks[0].__dict__
+            assert torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+            raise RuntimeError("boom")
+    assert (flux_math.apply_rope, flux_math.apply_rope1, wan_model.apply_rope1) == bindings
+    assert all(bindings[i] is b for i, b in enumerate((flux_math.apply_rope, flux_math.apply_rope1, wan_model.apply_rope1)))
+    assert {id(m): ("forward" in m.__dict__, m.__dict__.get("forward")) for m in dm.modules()} == forwards
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) == top
