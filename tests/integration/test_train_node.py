@@ -257,7 +257,10 @@ def test_existing_para_that_does_not_fit_fails_before_training(comfy, sd15, help
                                          ["diffusion_model.joint_blocks.0.x_block.attn.qkv.para_q", "another model"]),
     }
     for fname, (stages, needles) in cases.items():
-        comfy.write_para(fname, stages)
+        if fname == "para_rank_out.safetensors":  # the format refuses to write r = out, so write the raw tensor
+            comfy.write_safetensors("para", fname, {f"{m}.para_q": bs[0].half() for m, bs in stages.items()})
+        else:
+            comfy.write_para(fname, stages)
         gr = comfy.graph()
         tr = _train_graph(gr, _sd15_model(gr, sd15).out(0), steps=50, existing_para=fname)
         gr.node("PreviewAny", source=tr.out(0))
