@@ -45,7 +45,7 @@ from ..para_core.errors import ParaError
 from ..para_core.format import ParaModel, parse_training_metadata
 from ..para_core.layer import DEFAULT_INIT, INITS, MODES, ParaLayer, ParaNetwork
 from ..para_core.targets import DEFAULT_GAMMA, DEFAULT_PRESET, PRESETS, TargetPlan, plan
-from . import folders
+from . import folders, ui_text
 from .para_adapter import apply_para
 
 log = logging.getLogger(__name__)
@@ -745,7 +745,7 @@ class PaRaTrainer(io.ComfyNode):
                    f"({trainer.space} space); {para.num_bytes() / 1024:.1f} KiB as fp16")
         if trainer.saved:
             summary += f"\nsaved {len(trainer.saved)} file(s), last {os.path.relpath(trainer.saved[-1], folder_paths.get_output_directory())}"
-        ui_out: dict = {"text": (summary,)}
+        ui_out: dict = ui_text.report(cls, summary).as_dict()  # on the node and in the history
         if trainer.previews:
             ui_out.update(ui.PreviewImage(torch.stack(trainer.previews), cls=cls).as_dict())
         return io.NodeOutput(out_model, para, trainer.loss_map, trainer.total_steps, ui=ui_out)
