@@ -24,7 +24,7 @@ from comfy_api.latest import io
 from ..para_core import blocks
 from ..para_core.errors import ParaError
 from . import ui_text
-from .nodes_para import CATEGORY, Para, _STRENGTH
+from .nodes_para import _STRENGTH, CATEGORY, Para, para_line
 from .para_adapter import Resolution, block_multipliers, grouped_patches
 
 
@@ -115,9 +115,9 @@ class PaRaHook(io.ComfyNode):
             return io.NodeOutput(prev, ui=ui_text.report(cls, "strength 0: no hook added"))
         group = comfy.hooks.HookGroup()
         group.add(ParaWeightHook(para, strength_model, strength_clip, block_strength))
-        text = (f"hook: {len(para.stages)} layers of {para.source}, strength model {strength_model:g}, clip {strength_clip:g}"
-                + (f", block strength '{block_strength}'" if block_strength.strip() else "")
-                + "; applied to the conditionings that carry it")
+        text = (f"hook: {para_line(para)}; strength model {strength_model:g}, clip {strength_clip:g}"
+                + (f"; block strength {block_strength.strip()}" if block_strength.strip() else "")
+                + "\nacts on the conditionings that carry it, while sampling")
         return io.NodeOutput(prev.clone_and_combine(group), ui=ui_text.report(cls, text))
 
 

@@ -65,6 +65,13 @@ def load_para_file(name: str) -> ParaModel:
     return para
 
 
+def para_line(para: ParaModel) -> str:
+    """One short line about a PaRa for the node text: layers, ranks, stages (the file name is on the node)."""
+    stages = para.max_stages()
+    n = len(para.stages)
+    return f"{n} layer{'' if n == 1 else 's'}, rank {para.rank_summary()}" + (f", {stages} stages (sequential merge)" if stages > 1 else "")
+
+
 def _fingerprint(folder: str, name: str):
     path = folder_paths.get_full_path(folder, name)
     if path is None:
@@ -153,7 +160,7 @@ class PaRaLoader(io.ComfyNode):
         m, c, text = _run(f"Load PaRa '{para_name}'", apply_para, para, model, clip, strength_model, strength_clip,
                           block_strength or "")
         log.info("PaRa %s: %s", para_name, text)
-        return io.NodeOutput(m, c, para, ui=ui_text.report(cls, f"{para_name}: {text}"))
+        return io.NodeOutput(m, c, para, ui=ui_text.report(cls, text))
 
 
 class PaRaApply(io.ComfyNode):
@@ -218,7 +225,7 @@ class PaRaMerge(io.ComfyNode):
         except ParaError as e:
             raise ValueError(f"Merge PaRa ({para_a.source} + {para_b.source}): {e}") from None
         merged.source = f"merge {mode}({para_a.source}, {para_b.source})"
-        return io.NodeOutput(merged, ui=ui_text.report(cls, f"{mode}: {merged!r}\n{overlap}"))
+        return io.NodeOutput(merged, ui=ui_text.report(cls, f"{mode} merge: {para_line(merged)}\noverlap: {overlap}"))
 
 
 def _storage_dtype(*paras: ParaModel) -> torch.dtype:
@@ -368,7 +375,7 @@ class PaRaSave(io.ComfyNode):
                 raise ValueError(f"Save PaRa: {e}") from None
         rel = f"{subfolder}/{name}" if subfolder else name
         log.info("PaRa: saved %s", path)
-        return io.NodeOutput(ui=ui_text.report(cls, f"saved {rel}: {para!r}"))
+        return io.NodeOutput(ui=ui_text.report(cls, f"saved {rel}\n{para_line(para)}"))
 
 
 class PaRaLoadFile(io.ComfyNode):
@@ -396,7 +403,7 @@ class PaRaLoadFile(io.ComfyNode):
     @classmethod
     def execute(cls, para_name) -> io.NodeOutput:
         para = load_para_file(para_name)
-        return io.NodeOutput(para, ui=ui_text.report(cls, f"{para_name}: {para!r}"))
+        return io.NodeOutput(para, ui=ui_text.report(cls, para_line(para)))
 
 
 NODES = [PaRaLoader, PaRaLoadFile, PaRaApply, PaRaMerge, PaRaLoRACombine, PaRaSave]

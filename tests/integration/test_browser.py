@@ -59,14 +59,14 @@ TINY = {"EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 2
         "SolidMask": {"width": 64, "height": 64}, "PaRaTrainer": {"steps": 2, "preview_every": 0, "save_every": 0, "training_dtype": "fp32"}}
 # What each PaRa node must show after a run (a regex searched in the node's text).
 EXPECTED = {
-    "PaRaLoader": r"\.safetensors: model: \d+ layers? patched",
-    "PaRaLoadFile": r"\.safetensors: ParaModel\(\d+ modules",
+    "PaRaLoader": r"^model: \d+ layers? patched",
+    "PaRaLoadFile": r"^\d+ layers?, rank \d",
     "PaRaApply": r"^model: \d+ layers? patched",
-    "PaRaMerge": r"^(sequential|union): .*principal angles",
-    "PaRaLoRACombine": r"model: \d+ layers? patched.*with PaRa and LoRA",
-    "PaRaSave": r"^saved para/[^ ]+_\d{5}_\.safetensors",
-    "PaRaHook": r"^hook: \d+ layers of ",
-    "PaRaTrainer": r"layers \(.*\)\nsteps \d+, loss \d",
+    "PaRaMerge": r"^(sequential|union) merge: \d+ layers?.*\noverlap: .*principal angles",
+    "PaRaLoRACombine": r"^model: \d+ layers? patched.*with PaRa and LoRA",
+    "PaRaSave": r"^saved para/[^ ]+_\d{5}_\.safetensors\n\d+ layers?, rank",
+    "PaRaHook": r"^hook: \d+ layers?, rank ",
+    "PaRaTrainer": r"^\d+ layers \(.*\nsteps \d+, loss \d",
 }
 # Workflows whose checkpoint the tiny SD1.5 stands in for; others (SDXL/Flux training) are only loaded.
 RUNNABLE_CKPT = "v1-5-pruned-emaonly.safetensors"
