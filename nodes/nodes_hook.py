@@ -25,7 +25,7 @@ from ..para_core import blocks
 from ..para_core.errors import ParaError
 from . import ui_text
 from .nodes_para import _STRENGTH, CATEGORY, Para, para_line
-from .para_adapter import Resolution, block_multipliers, grouped_patches
+from .para_adapter import TEXT_ENCODER_PREFIXES, Resolution, block_multipliers, grouped_patches
 
 
 class _ClipPatcherView:
@@ -55,8 +55,9 @@ class ParaWeightHook(comfy.hooks.WeightHook):
             else:
                 res = Resolution(self.para, model, None)
                 side, strength, mult = "model", self._strength_model, block_multipliers(res, self.block_strength)
-            if res.report.mismatched:
-                res.report.raise_if_bad()
+            diffusion_modules = [m for m in res.report.unmatched if not m.startswith(TEXT_ENCODER_PREFIXES)]
+            if res.report.mismatched or (not is_clip and not res.report.matched and diffusion_modules):
+                res.report.raise_if_bad()  # a file for another model: say so instead of sampling without it
         except ParaError as e:
             raise ValueError(f"Hook PaRa ({self.para.source}): {e}") from None
         for s, patches in grouped_patches(self.para, res, side, strength, mult).items():

@@ -225,7 +225,7 @@ class PaRaMerge(io.ComfyNode):
         except ParaError as e:
             raise ValueError(f"Merge PaRa ({para_a.source} + {para_b.source}): {e}") from None
         merged.source = f"merge {mode}({para_a.source}, {para_b.source})"
-        return io.NodeOutput(merged, ui=ui_text.report(cls, f"{mode} merge: {para_line(merged)}\noverlap: {overlap}"))
+        return io.NodeOutput(merged, ui=ui_text.report(cls, f"overlap: {overlap}\n{mode} merge: {para_line(merged)}"))
 
 
 def _storage_dtype(*paras: ParaModel) -> torch.dtype:

@@ -34,6 +34,7 @@ from ..para_core.projection import apply_stages_
 log = logging.getLogger(__name__)
 
 _DIFFUSERS_ATTN = (".to_q", ".to_k", ".to_v", ".to_out.0")
+TEXT_ENCODER_PREFIXES = ("text_encoders.", "text_encoder.", "text_encoder_2.", "lora_te")
 
 
 def _add_(weight: torch.Tensor, diff: torch.Tensor) -> None:
@@ -188,7 +189,7 @@ class Resolution:
                 raise ParaError(f"{para.source}: modules '{seen[target]}' and '{module}' both name the layer "
                                 f"{_key_name(target)}; keep one of them")
             seen[target] = module
-        self.clip_missing = clip is None and any(m.startswith(("text_encoders.", "text_encoder.", "text_encoder_2.", "lora_te")) for m in self.report.unmatched)
+        self.clip_missing = clip is None and any(m.startswith(TEXT_ENCODER_PREFIXES) for m in self.report.unmatched)
 
     def targets(self, side: str) -> dict[str, object]:
         return {m: t for m, t in self.report.matched.items() if self.side.get(m) == side}

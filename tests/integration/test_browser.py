@@ -62,7 +62,7 @@ EXPECTED = {
     "PaRaLoader": r"^model: \d+ layers? patched",
     "PaRaLoadFile": r"^\d+ layers?, rank \d",
     "PaRaApply": r"^model: \d+ layers? patched",
-    "PaRaMerge": r"^(sequential|union) merge: \d+ layers?.*\noverlap: .*principal angles",
+    "PaRaMerge": r"^overlap: .*principal angles.*\n(sequential|union) merge: \d+ layers?",
     "PaRaLoRACombine": r"^model: \d+ layers? patched.*with PaRa and LoRA",
     "PaRaSave": r"^saved para/[^ ]+_\d{5}_\.safetensors\n\d+ layers?, rank",
     "PaRaHook": r"^hook: \d+ layers?, rank ",
@@ -132,6 +132,12 @@ def _open_template(pg, name: str) -> None:
     pg.evaluate("window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
     pg.get_by_text("comfyui-para", exact=True).click()
     card = pg.locator(f"[data-testid='template-workflow-{name}']")
+    card.wait_for(state="visible")
+    if os.path.isfile(os.path.join(REPO_ROOT, "example_workflows", f"{name}.jpg")):  # the card shows our thumbnail
+        pg.wait_for_function("el => [...el.querySelectorAll('img')].some(i => i.complete && i.naturalWidth === 384)",
+                             arg=card.element_handle(), timeout=20_000)
+    if not os.path.exists(os.path.join(pg.screenshots, "templates.png")):
+        pg.screenshot(path=os.path.join(pg.screenshots, "templates.png"))
     card.click()
     pg.wait_for_function("name => window.app.extensionManager.workflow.activeWorkflow?.filename === name", arg=name, timeout=30_000)
     pg.wait_for_timeout(1000)  # a missing-nodes/models dialog opens right after the graph is configured

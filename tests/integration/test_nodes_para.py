@@ -194,7 +194,7 @@ def test_merge_sequential_and_union_against_float64(comfy, sd15, base):
         g.node("PreviewAny", source=ap.out(0))
         ui = comfy.run(g.finalize())
         text = ui[mg.id]["text"][0]
-        assert text.startswith(mode) and "2 shared layers" in text and "principal angles" in text, text
+        assert text.startswith("overlap: 2 shared layers: mean cos² of principal angles") and f"\n{mode} merge: 3 layers, rank " in text, text
         assert "model: 3 layers patched, clip: 1 layer patched" in ui[ap.id]["text"][0]
         results[mode] = (comfy.patched_state_dict(comfy.output(ap.id, 0)), comfy.patched_state_dict(comfy.output(ap.id, 1)))
     unet, te = results["sequential"]
