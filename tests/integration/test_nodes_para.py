@@ -194,7 +194,7 @@ def test_merge_sequential_and_union_against_float64(comfy, sd15, base):
         g.node("PreviewAny", source=ap.out(0))
         ui = comfy.run(g.finalize())
         text = ui[mg.id]["text"][0]
-        assert text.startswith("overlap: 2 shared layers: mean cos² of principal angles") and f"\n{mode} merge: 3 layers, rank " in text, text
+        assert text.startswith("overlap: 2 shared layers: mean cos² of principal angles") and f"\n{mode} merge: 4 layers, rank " in text, text
         assert "model: 3 layers patched, clip: 1 layer patched" in ui[ap.id]["text"][0]
         results[mode] = (comfy.patched_state_dict(comfy.output(ap.id, 0)), comfy.patched_state_dict(comfy.output(ap.id, 1)))
     unet, te = results["sequential"]
@@ -321,7 +321,7 @@ def test_kohya_and_diffusers_names(comfy, sd15, base):
     comfy.write_para("named.safetensors", stages)
     g, _, para = loader_graph(comfy, sd15["ckpt"], "named.safetensors")
     ui = comfy.run(g.finalize())
-    assert ui[para.id]["text"] == ["named.safetensors: model: 5 layers patched, clip: 2 layers patched"]
+    assert ui[para.id]["text"] == ["model: 5 layers patched, clip: 2 layers patched"]
     unet = comfy.patched_state_dict(comfy.output(para.id, 0))
     te = comfy.patched_state_dict(comfy.output(para.id, 1))
     for name, m in names.items():
@@ -360,7 +360,7 @@ def test_sd3_native_fused_and_diffusers_offsets(comfy):
     p = g.node("PaRaLoader", model=ld.out(0), para_name="sd3.safetensors", strength_model=1.0, strength_clip=1.0)
     g.node("PreviewAny", source=p.out(0))
     ui = comfy.run(g.finalize())
-    assert ui[p.id]["text"] == ["sd3.safetensors: model: 4 layers patched"]
+    assert ui[p.id]["text"] == ["model: 4 layers patched"]
     base = comfy.base_state_dict(comfy.output(ld.id, 0))
     got = comfy.patched_state_dict(comfy.output(p.id, 0))
     k0, k1 = f"{qkv0}.weight", "diffusion_model.joint_blocks.1.x_block.attn.qkv.weight"
@@ -594,6 +594,8 @@ def test_node_contract_and_tooltips(comfy):
             for name, s in spec.get(section, {}).items():
                 assert s[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
         assert list(cls.RETURN_TYPES) == outs, node_id
+    for node_id in expected:  # every node reports its text on the canvas: it needs its own node id
+        assert comfy.nodes.NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()["hidden"]["unique_id"] == ("UNIQUE_ID",), node_id
     assert comfy.nodes.NODE_CLASS_MAPPINGS["PaRaSave"].OUTPUT_NODE is True
     assert comfy.nodes.NODE_CLASS_MAPPINGS["PaRaMerge"].INPUT_TYPES()["required"]["mode"][1]["default"] == "sequential"
     assert comfy.nodes.NODE_CLASS_MAPPINGS["PaRaLoRACombine"].INPUT_TYPES()["required"]["mode"][1]["default"] == "stacked"
@@ -614,8 +616,6 @@ def test_para_folder_registration(comfy):
     opts = comfy.nodes.NODE_CLASS_MAPPINGS["PaRaLoader"].INPUT_TYPES()["required"]["para_name"][1]["options"]
     assert "listed.safetensors" in opts
 
-    for node_id in expected:  # every node reports its text on the canvas: it needs its own node id
-        assert comfy.nodes.NODE_CLASS_MAPPINGS[node_id].INPUT_TYPES()["hidden"]["unique_id"] == "UNIQUE_ID", node_id
 
 
 # ---- Load PaRa File ----------------------------------------------------------------------------------
