@@ -129,3 +129,23 @@ def test_regional_hooks_each_region_with_its_own_para(comfy, sd15):
     assert seen == {"a": 2, "b": 2, "base": 2}, seen
     latent = comfy.output(ks.id, 0)["samples"]
     assert torch.isfinite(latent).all() and latent.shape == (1, 4, 8, 8)
+
+
+def test_clip_hook_encodes_like_load_para_on_the_clip(comfy, sd15):
+    """Set CLIP Hooks with Hook PaRa (text-encoder layers): the prompt is encoded with the PaRa-patched text
+    encoder, the same conditioning Load PaRa's patched CLIP gives (apply_to_conds=False: compare text only)."""
+    te = "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"
+    comfy.write_para("hook_clip.safetensors", {te: [rand_b(768, 16, 320)]})
+    g = comfy.graph()
+    ck = g.node("CheckpointLoaderSimple", ckpt_name=sd15["ckpt"])
+    lf = g.node("PaRaLoadFile", para_name="hook_clip.safetensors")
+    hk = g.node("PaRaHook", para=lf.out(0), strength_model=1.0, strength_clip=1.0)
+    hooked_clip = g.node("SetClipHooks", clip=ck.out(1), apply_to_conds=False, schedule_clip=False, hooks=hk.out(0))
+    lp = g.node("PaRaLoader", model=ck.out(0), clip=ck.out(1), para_name="hook_clip.safetensors", strength_model=0.0, strength_clip=1.0)
+    encs = [g.node("CLIPTextEncode", clip=c, text="a photo of sks dog") for c in (hooked_clip.out(0), lp.out(1), ck.out(1))]
+    for e in encs:
+        g.node("PreviewAny", source=e.out(0))
+    comfy.run(g.finalize())
+    hooked, patched, base = (comfy.output(e.id, 0)[0][0] for e in encs)
+    assert float((patched - base).abs().max()) > 1e-2, "the PaRa should change the text encoding"
+    torch.testing.assert_close(hooked, patched, rtol=0, atol=2e-3 * float(patched.abs().max()))
