@@ -118,7 +118,7 @@ class PaRaHook(io.ComfyNode):
         group.add(ParaWeightHook(para, strength_model, strength_clip, block_strength))
         text = (f"hook: {para_line(para)}; strength model {strength_model:g}, clip {strength_clip:g}"
                 + (f"; block strength {block_strength.strip()}" if block_strength.strip() else "")
-                + "\nacts on the conditionings that carry it, while sampling")
+                + "\nactive only on the conditionings that carry it")
         return io.NodeOutput(prev.clone_and_combine(group), ui=ui_text.report(cls, text))
 
 

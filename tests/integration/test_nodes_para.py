@@ -751,3 +751,26 @@ def test_saved_file_keeps_the_process_umask(comfy, sd15):
     if mode == 0o600 and mask != 0o177:
         pytest.skip("para_core.safetensors_io.atomic_output still writes mkstemp's 0600 (its fix is on another branch)")
     assert mode == 0o666 & ~mask, oct(mode)
+
+
+def test_block_strength_on_flux_double_and_single_blocks(comfy):
+    """Flux vocabulary on a real (tiny) Flux: fused offsets keep their block's multiplier."""
+    model = comfy.flux_model()
+    h = 64
+    stages = {"transformer.transformer_blocks.0.attn.to_k": [rand_b(h, 3, 200)],  # double_blocks.0.img_attn.qkv[64:128]
+              "diffusion_model.single_blocks.0.linear1_qkv": [rand_b(3 * h, 4, 201)]}  # single_blocks.0.linear1[0:192]
+    comfy.write_para("flux_blocks.safetensors", stages)
+    loader = comfy.nodes.NODE_CLASS_MAPPINGS["PaRaLoader"]
+    with torch.inference_mode():
+        out = loader.execute(model=model, para_name="flux_blocks.safetensors", strength_model=1.0, strength_clip=1.0,
+                             block_strength="double:1, single:0.5")
+    assert out.ui.as_dict()["text"][0] == "model: 2 layers patched; block strength: single ×0.5"
+    base = comfy.base_state_dict(model)
+    got = comfy.patched_state_dict(out.args[0])
+    img, lin = "diffusion_model.double_blocks.0.img_attn.qkv.weight", "diffusion_model.single_blocks.0.linear1.weight"
+    assert_fp32_close(got[img][h:2 * h], project64(base[img][h:2 * h], stages["transformer.transformer_blocks.0.attn.to_k"]), "double at 1")
+    assert_fp32_close(got[lin][:3 * h], project64(base[lin][:3 * h], stages["diffusion_model.single_blocks.0.linear1_qkv"], 0.5), "single at 0.5")
+    assert torch.equal(got[lin][3 * h:], base[lin][3 * h:])
+    with pytest.raises(ValueError, match="'input' matches no layer of this flux model \\(blocks double, single, other, \\*"):
+        with torch.inference_mode():
+            loader.execute(model=model, para_name="flux_blocks.safetensors", strength_model=1.0, strength_clip=1.0, block_strength="input:0")

@@ -86,8 +86,8 @@ def test_example_workflow_runs(comfy, files, name):
         assert not torch.equal(images[0], images[1]), "sequential and union of overlapping subjects should differ"
     if name == "para_regional_two_subjects.json":
         hooks = [ui[nid]["text"][0] for nid in ui if prompt[nid]["class_type"] == "PaRaHook"]
-        assert sorted(hooks) == ["hook: 2 layers, rank 4-8; strength model 1, clip 1\nacts on the conditionings that carry it, while sampling",
-                                 "hook: 3 layers, rank 4-8; strength model 1, clip 1\nacts on the conditionings that carry it, while sampling"]
+        assert sorted(hooks) == ["hook: 2 layers, rank 4-8; strength model 1, clip 1\nactive only on the conditionings that carry it",
+                                 "hook: 3 layers, rank 4-8; strength model 1, clip 1\nactive only on the conditionings that carry it"]
         assert not any(v["class_type"] in ("PaRaMerge", "PaRaLoader", "PaRaApply") for v in prompt.values()), "regional: no merge, no patched model"
     if name == "para_with_style_lora.json":
         assert "2 with PaRa and LoRA, 1 PaRa only, 0 LoRA only" in texts["PaRaLoRACombine"]
