@@ -4,9 +4,9 @@ ComfyUI keeps `ui.PreviewText` in `/api/history`, but front end 1.35.9 draws it 
 own front-end code (core Preview Any). What it does draw on any node is the progress-text channel
 (`PromptServer.send_progress_text`, as core Get Image Size uses): a read-only text widget at the bottom of
 the node, not saved with the workflow, replaced by the next text for that node and kept until the page
-reloads. So every PaRa node sends both. A node that ComfyUI serves from its cache does not execute and sends
-nothing: the widget keeps the text of the run that computed it (the history entry of the cached node
-repeats its text).
+reloads (seen in headless Chromium, tests/integration/test_browser.py). So every PaRa node sends both.
+A node ComfyUI serves from its cache does not run and sends nothing: the node keeps the text of the run
+that computed it, and after a page reload shows it again once a run executes the node.
 """
 from __future__ import annotations
 
