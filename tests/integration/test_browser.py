@@ -208,3 +208,12 @@ def test_example_workflow_in_the_browser(server, page, name):
         # the node is centred at 100%: its text is in the page and visible (not only a widget value)
         assert page.get_by_text(first_line, exact=False).filter(visible=True).count() > 0, \
             f"{name}: '{first_line}' is not visible on the canvas"
+
+
+def test_every_pack_node_is_registered_in_the_front_end(server, page):
+    """The node library/search lists what the front end registered: every PaRa node, by its display name."""
+    info = server.get("/object_info")
+    ours = {k: v["display_name"] for k, v in info.items() if v.get("python_module", "").endswith("comfyui-para")}
+    assert {"PaRaLoader", "PaRaLoadFile", "PaRaApply", "PaRaMerge", "PaRaLoRACombine", "PaRaSave", "PaRaHook", "PaRaTrainer"} <= set(ours)
+    registered = page.evaluate("""ids => Object.fromEntries(ids.map(id => [id, LiteGraph.registered_node_types[id]?.title ?? null]))""", list(ours))
+    assert registered == ours
