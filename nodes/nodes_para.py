@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections import OrderedDict
 
 import folder_paths
 import torch
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 
 import comfy.utils
 
@@ -20,7 +21,7 @@ from ..para_core.errors import ParaError
 from ..para_core.format import ParaModel
 from ..para_core.lora import COMBINE_MODES
 from ..para_core.merge import MERGE_MODES, merge, subspace_overlap
-from . import folders
+from . import folders, ui_text
 from .para_adapter import apply_para, apply_para_lora
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,13 @@ def load_para_file(name: str) -> ParaModel:
     return para
 
 
+def para_line(para: ParaModel) -> str:
+    """One short line about a PaRa for the node text: layers, ranks, stages (the file name is on the node)."""
+    stages = para.max_stages()
+    n = len(para.stages)
+    return f"{n} layer{'' if n == 1 else 's'}, rank {para.rank_summary()}" + (f", {stages} stages (sequential merge)" if stages > 1 else "")
+
+
 def _fingerprint(folder: str, name: str):
     path = folder_paths.get_full_path(folder, name)
     if path is None:
@@ -103,6 +111,14 @@ def _strength_inputs():
     ]
 
 
+def _block_strength_in():
+    return io.String.Input("block_strength", default="", optional=True,
+                           tooltip="Optional strength per block of the diffusion model, multiplying strength_model: "
+                                   "'input:1, middle:0.5, output:0' (SD UNets), 'double:1, single:0.5' (Flux), "
+                                   "'joint.3:0' (SD3, one block), '*:0, output:1', or 'regex:value' on layer names. "
+                                   "Empty: every layer at strength_model. A block the model lacks is an error.")
+
+
 def _outputs():
     return [io.Model.Output(display_name="MODEL", tooltip="The patched diffusion model."),
             io.Clip.Output(display_name="CLIP", tooltip="The patched text encoder (None if no CLIP was connected).")]
@@ -128,8 +144,10 @@ class PaRaLoader(io.ComfyNode):
                 io.Combo.Input("para_name", options=folder_paths.get_filename_list("para"),
                                tooltip="A .safetensors PaRa file from models/para or output/para."),
                 *_strength_inputs(),
+                _block_strength_in(),
             ],
             outputs=[*_outputs(), Para.Output(display_name="PARA", tooltip="The loaded PaRa, for Merge PaRa / PaRa + LoRA / Save PaRa.")],
+            hidden=[ui_text.NODE_ID],
         )
 
     @classmethod
@@ -137,11 +155,12 @@ class PaRaLoader(io.ComfyNode):
         return _fingerprint("para", para_name)
 
     @classmethod
-    def execute(cls, model, para_name, strength_model, strength_clip, clip=None) -> io.NodeOutput:
+    def execute(cls, model, para_name, strength_model, strength_clip, clip=None, block_strength="") -> io.NodeOutput:
         para = load_para_file(para_name)
-        m, c, text = _run(f"Load PaRa '{para_name}'", apply_para, para, model, clip, strength_model, strength_clip)
+        m, c, text = _run(f"Load PaRa '{para_name}'", apply_para, para, model, clip, strength_model, strength_clip,
+                          block_strength or "")
         log.info("PaRa %s: %s", para_name, text)
-        return io.NodeOutput(m, c, para, ui=ui.PreviewText(f"{para_name}: {text}"))
+        return io.NodeOutput(m, c, para, ui=ui_text.report(cls, text))
 
 
 class PaRaApply(io.ComfyNode):
@@ -159,16 +178,19 @@ class PaRaApply(io.ComfyNode):
             inputs=[
                 _model_in(),
                 _clip_in(),
-                Para.Input("para", tooltip="The PaRa to apply (from Load PaRa or Merge PaRa)."),
+                Para.Input("para", tooltip="The PaRa to apply (from Load PaRa File, Load PaRa or Merge PaRa)."),
                 *_strength_inputs(),
+                _block_strength_in(),
             ],
             outputs=_outputs(),
+            hidden=[ui_text.NODE_ID],
         )
 
     @classmethod
-    def execute(cls, model, para, strength_model, strength_clip, clip=None) -> io.NodeOutput:
-        m, c, text = _run(f"Apply PaRa ({para.source})", apply_para, para, model, clip, strength_model, strength_clip)
-        return io.NodeOutput(m, c, ui=ui.PreviewText(text))
+    def execute(cls, model, para, strength_model, strength_clip, clip=None, block_strength="") -> io.NodeOutput:
+        m, c, text = _run(f"Apply PaRa ({para.source})", apply_para, para, model, clip, strength_model, strength_clip,
+                          block_strength or "")
+        return io.NodeOutput(m, c, ui=ui_text.report(cls, text))
 
 
 class PaRaMerge(io.ComfyNode):
@@ -182,7 +204,7 @@ class PaRaMerge(io.ComfyNode):
             category=CATEGORY,
             description="Merge two PaRa. sequential: W1 = W - Q_aQ_aᵀW, then W1 - Q_bQ_bᵀW1 (the paper's merge; order "
                         "matters). union: remove span([Q_a Q_b]) at once (order-free). They agree when the subspaces "
-                        "are orthogonal; the node shows how much they overlap (principal angles).",
+                        "are orthogonal; after a run the node shows how much they overlap (principal angles) below its widgets.",
             is_experimental=True,
             inputs=[
                 Para.Input("para_a", tooltip="The first PaRa (applied first in sequential mode)."),
@@ -192,6 +214,7 @@ class PaRaMerge(io.ComfyNode):
                                        "of both subspaces in one step."),
             ],
             outputs=[Para.Output(display_name="PARA", tooltip="The merged PaRa: connect it to Apply PaRa or Save PaRa.")],
+            hidden=[ui_text.NODE_ID],
         )
 
     @classmethod
@@ -202,7 +225,7 @@ class PaRaMerge(io.ComfyNode):
         except ParaError as e:
             raise ValueError(f"Merge PaRa ({para_a.source} + {para_b.source}): {e}") from None
         merged.source = f"merge {mode}({para_a.source}, {para_b.source})"
-        return io.NodeOutput(merged, ui=ui.PreviewText(f"{mode}: {merged!r}\n{overlap}"))
+        return io.NodeOutput(merged, ui=ui_text.report(cls, f"overlap: {overlap}\n{mode} merge: {para_line(merged)}"))
 
 
 def _storage_dtype(*paras: ParaModel) -> torch.dtype:
@@ -244,6 +267,7 @@ class PaRaLoRACombine(io.ComfyNode):
                                        "(-α1Q + α2B)(α1QᵀW0 + α2A), the formula with cross terms; PaRa and LoRA ranks must match."),
             ],
             outputs=_outputs(),
+            hidden=[ui_text.NODE_ID],
         )
 
     @classmethod
@@ -261,7 +285,50 @@ class PaRaLoRACombine(io.ComfyNode):
             raise ValueError(f"PaRa + LoRA: cannot read LoRA file {path}: {e}") from None
         m, c, text = _run(f"PaRa + LoRA ({para.source} + {lora_name})", apply_para_lora,
                           para, lora_sd, path, model, clip, alpha_para, alpha_lora, mode)
-        return io.NodeOutput(m, c, ui=ui.PreviewText(text))
+        return io.NodeOutput(m, c, ui=ui_text.report(cls, text))
+
+
+_MAX_PREFIX = 200
+
+
+def save_location(prefix: str, out_dir: str) -> tuple[str, str, str]:
+    """(folder, file name stem, subfolder) of a Save PaRa filename_prefix under `out_dir`.
+
+    The prefix must be a relative path of plain names ('para/my_subject'): no '', '.', '..' part, no NUL,
+    at most 200 characters. Raises ValueError, one line, naming the prefix.
+    """
+    why = ""
+    parts = re.split(r"[/\\]", prefix or "")
+    if not (prefix or "").strip():
+        why = "it is empty"
+    elif "\0" in prefix:
+        why = "it contains a NUL character"
+    elif len(prefix) > _MAX_PREFIX:
+        why = f"it is {len(prefix)} characters long (at most {_MAX_PREFIX})"
+    elif os.path.isabs(prefix) or prefix.startswith(("/", "\\")):
+        why = "it is an absolute path"
+    elif any(p in ("", ".", "..") or not p.strip() for p in parts):
+        why = "every part between slashes must be a plain name (no empty part, '.' or '..')"
+    if why:
+        shown = prefix if len(prefix or "") <= 60 else prefix[:57] + "..."
+        raise ValueError(f"Save PaRa: filename_prefix {shown!r} cannot be used: {why}; "
+                         f"use a relative path under the output folder such as 'para/my_subject'")
+    folder = os.path.join(out_dir, *parts[:-1])
+    return folder, parts[-1], "/".join(parts[:-1])
+
+
+def next_number(folder: str, stem: str) -> int:
+    """1 + the highest NNNNN of this node's own files `<stem>_NNNNN_.safetensors` in `folder` (1 if none).
+
+    Only that exact pattern counts: the trainer's `<stem>_<step>_steps_<n>_.safetensors` (same prefix) and
+    any other file are ignored, so they never shift the numbering.
+    """
+    own = re.compile(re.escape(stem) + r"_(\d{5,})_\.safetensors")
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return 1
+    return 1 + max((int(m.group(1)) for m in map(own.fullmatch, names) if m), default=0)
 
 
 class PaRaSave(io.ComfyNode):
@@ -273,36 +340,70 @@ class PaRaSave(io.ComfyNode):
             node_id="PaRaSave",
             display_name="Save PaRa",
             category=CATEGORY,
-            description="Save a PaRa as a .safetensors file under the output folder, numbered like saved images "
-                        "(never overwrites). Files in output/para are listed by Load PaRa.",
+            description="Save a PaRa as a .safetensors file under the output folder, numbered <prefix>_00001_, _00002_, ... "
+                        "by its own files only (never overwrites). Files in output/para are listed by Load PaRa.",
             is_experimental=True,
             is_output_node=True,
             inputs=[
                 Para.Input("para", tooltip="The PaRa to save."),
                 io.String.Input("filename_prefix", default="para/ComfyUI_para",
-                                tooltip="Path under the output folder; '_00001_.safetensors' and so on is appended."),
+                                tooltip="Relative path under the output folder (e.g. para/my_subject); "
+                                        "'_00001_.safetensors' and so on is appended."),
             ],
             outputs=[],
+            hidden=[ui_text.NODE_ID],
         )
 
     @classmethod
     def execute(cls, para, filename_prefix) -> io.NodeOutput:
-        out_dir = folder_paths.get_output_directory()
-        folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
-        os.makedirs(folder, exist_ok=True)
-        while True:
-            name = f"{filename}_{counter:05}_.safetensors"
-            path = os.path.join(folder, name)
-            if not os.path.exists(path):
-                break
-            counter += 1
+        folder, stem, subfolder = save_location(filename_prefix, folder_paths.get_output_directory())
         try:
-            para.save(path)  # temp file + rename; refuses to overwrite
-        except ParaError as e:
-            raise ValueError(f"Save PaRa: {e}") from None
-        rel = os.path.join(subfolder, name) if subfolder else name
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"Save PaRa: cannot create folder {folder}: {e.strerror or e}") from None
+        number = next_number(folder, stem)
+        while True:
+            name = f"{stem}_{number:05}_.safetensors"
+            path = os.path.join(folder, name)
+            try:
+                para.save(path)  # temp file + rename; refuses to overwrite
+                break
+            except ParaError as e:
+                if os.path.exists(path):  # another writer took this number meanwhile: take the next one
+                    number += 1
+                    continue
+                raise ValueError(f"Save PaRa: {e}") from None
+        rel = f"{subfolder}/{name}" if subfolder else name
         log.info("PaRa: saved %s", path)
-        return io.NodeOutput(ui=ui.PreviewText(f"saved {rel}: {para!r}"))
+        return io.NodeOutput(ui=ui_text.report(cls, f"saved {rel}\n{para_line(para)}"))
 
 
-NODES = [PaRaLoader, PaRaApply, PaRaMerge, PaRaLoRACombine, PaRaSave]
+class PaRaLoadFile(io.ComfyNode):
+    """Read a PaRa file as a PARA value, without a model (for Merge PaRa, Hook PaRa, Apply PaRa, Save PaRa)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="PaRaLoadFile",
+            display_name="Load PaRa File",
+            category=CATEGORY,
+            description="Read a PaRa file from models/para or output/para and output it as PARA, without patching "
+                        "any model: the input of Merge PaRa, PaRa + LoRA, Hook PaRa and Apply PaRa.",
+            is_experimental=True,
+            inputs=[io.Combo.Input("para_name", options=folder_paths.get_filename_list("para"),
+                                   tooltip="A .safetensors PaRa file from models/para or output/para.")],
+            outputs=[Para.Output(display_name="PARA", tooltip="The PaRa of the file.")],
+            hidden=[ui_text.NODE_ID],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, para_name, **kwargs):
+        return _fingerprint("para", para_name)
+
+    @classmethod
+    def execute(cls, para_name) -> io.NodeOutput:
+        para = load_para_file(para_name)
+        return io.NodeOutput(para, ui=ui_text.report(cls, para_line(para)))
+
+
+NODES = [PaRaLoader, PaRaLoadFile, PaRaApply, PaRaMerge, PaRaLoRACombine, PaRaSave]

@@ -60,7 +60,7 @@ from ..para_core.train import (DTYPES, LOSS_FUNCTIONS, LOSS_SPACES, OPTIMIZERS, 
                                TrainingLoop, checkpoint_units, enable_checkpointing, loss_value, make_optimizer,
                                prediction_residual, prediction_scale, read_state, restore_optimizer, save_with_state,
                                stages_b, state_path, step_seed)
-from . import folders
+from . import folders, ui_text
 from .para_adapter import apply_para
 from .train_compat import training_compat
 
@@ -778,11 +778,12 @@ class PaRaTrainer(io.ComfyNode):
         para = trainer.run()
         out_model, _clip, text = apply_para(para, _first(model), None, 1.0, 1.0)
         losses = trainer.loss_map["loss"]
-        summary = "\n".join([trainer.plan.describe()] + trainer.notes) + (f"\nsteps {trainer.total_steps}, loss {losses[-1]:.4f} "
-                   f"({trainer.space} space); {para.num_bytes() / 1024:.1f} KiB as fp16")
+        # the key facts first: the node's text box shows about two lines before it scrolls
+        summary = "\n".join([f"steps {trainer.total_steps}, loss {losses[-1]:.4f} ({trainer.space} space); "
+                              f"{para.num_bytes() / 1024:.1f} KiB as fp16", trainer.plan.describe()] + trainer.notes)
         if trainer.saved:
             summary += f"\nsaved {len(trainer.saved)} file(s), last {os.path.relpath(trainer.saved[-1], folder_paths.get_output_directory())}"
-        ui_out: dict = {"text": (summary,)}
+        ui_out: dict = ui_text.report(cls, summary).as_dict()  # on the node and in the history
         if trainer.previews:
             ui_out.update(ui.PreviewImage(torch.stack(trainer.previews), cls=cls).as_dict())
         return io.NodeOutput(out_model, para, trainer.loss_map, trainer.total_steps, ui=ui_out)

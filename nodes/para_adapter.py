@@ -25,6 +25,7 @@ import comfy.lora
 import comfy.model_management
 import comfy.weight_adapter
 
+from ..para_core import blocks
 from ..para_core.errors import ParaError
 from ..para_core.format import MatchReport, ParaModel, match_modules
 from ..para_core.lora import combine_factors
@@ -33,6 +34,7 @@ from ..para_core.projection import apply_stages_
 log = logging.getLogger(__name__)
 
 _DIFFUSERS_ATTN = (".to_q", ".to_k", ".to_v", ".to_out.0")
+TEXT_ENCODER_PREFIXES = ("text_encoders.", "text_encoder.", "text_encoder_2.", "lora_te")
 
 
 def _add_(weight: torch.Tensor, diff: torch.Tensor) -> None:
@@ -187,7 +189,7 @@ class Resolution:
                 raise ParaError(f"{para.source}: modules '{seen[target]}' and '{module}' both name the layer "
                                 f"{_key_name(target)}; keep one of them")
             seen[target] = module
-        self.clip_missing = clip is None and any(m.startswith(("text_encoders.", "text_encoder.", "text_encoder_2.", "lora_te")) for m in self.report.unmatched)
+        self.clip_missing = clip is None and any(m.startswith(TEXT_ENCODER_PREFIXES) for m in self.report.unmatched)
 
     def targets(self, side: str) -> dict[str, object]:
         return {m: t for m, t in self.report.matched.items() if self.side.get(m) == side}
@@ -209,36 +211,64 @@ def _raise_if_bad(res: Resolution, para: ParaModel) -> None:
     res.report.raise_if_bad()
 
 
-def apply_para(para: ParaModel, model, clip, strength_model: float, strength_clip: float):
-    """Clone model/clip and add one ParaAdapter per matched weight (one add_patches call per patcher).
+def block_multipliers(res: Resolution, block_strength: str) -> dict[str, float]:
+    """{model weight key: multiplier} from a block-strength spec (para_core.blocks), checked against every
+    module of the diffusion model. Empty spec: {} (every layer at 1)."""
+    if not (block_strength or "").strip():
+        return {}
+    modules = [k[: -len(".weight")] for k, shape in res.unet_shapes.items() if k.endswith(".weight") and len(shape) >= 2]
+    per_module = blocks.resolve(block_strength, modules)
+    return {f"{m}.weight": v for m, v in per_module.items()}
 
+
+def grouped_patches(para: ParaModel, res: Resolution, side: str, strength: float,
+                    multipliers: Mapping[str, float] | None = None) -> dict[float, dict]:
+    """{strength: {target: ParaAdapter}} for one side: the side's strength times each layer's block
+    multiplier; layers at strength 0 are left out (bit-identical to not patching them)."""
+    groups: dict[float, dict] = {}
+    for module, target in res.targets(side).items():
+        s = strength * (multipliers or {}).get(split_target(target)[0], 1.0)
+        if s != 0:
+            groups.setdefault(s, {})[target] = ParaAdapter(para.stages[module])
+    return groups
+
+
+def apply_para(para: ParaModel, model, clip, strength_model: float, strength_clip: float, block_strength: str = ""):
+    """Clone model/clip and add one ParaAdapter per matched weight (one add_patches call per strength).
+
+    `block_strength` (para_core.blocks) scales strength_model per block of the diffusion model.
     Returns (model, clip, status text). A file that does not fit raises ParaError with one message.
     """
     res = Resolution(para, model, clip)
     _raise_if_bad(res, para)
+    mult = block_multipliers(res, block_strength)
     new_model, new_clip = model, clip
     counts = {}
     for side, strength in (("model", strength_model), ("clip", strength_clip)):
-        targets = res.targets(side)
         if side == "clip" and clip is None:
             continue
-        if not targets or strength == 0:
+        groups = grouped_patches(para, res, side, strength, mult if side == "model" else None)
+        if not groups:
             counts[side] = 0
             continue
-        patches = {t: ParaAdapter(para.stages[m]) for m, t in targets.items()}
+        clone = model.clone() if side == "model" else clip.clone()
+        added = 0
+        for s, patches in groups.items():
+            n = len(clone.add_patches(patches, s))
+            if n != len(patches):  # cannot happen: targets come from the patcher's own state dict
+                raise ParaError(f"{para.source}: ComfyUI accepted {n} of {len(patches)} patches")
+            added += n
+        counts[side] = added
         if side == "model":
-            new_model = model.clone()
-            added = new_model.add_patches(patches, strength)
+            new_model = clone
         else:
-            new_clip = clip.clone()
-            added = new_clip.add_patches(patches, strength)
-        if len(added) != len(patches):  # cannot happen: targets come from the patcher's own state dict
-            raise ParaError(f"{para.source}: ComfyUI accepted {len(added)} of {len(patches)} patches")
-        counts[side] = len(added)
-    note = "text-encoder layers skipped: no CLIP connected" if res.clip_missing else ""
+            new_clip = clone
+    notes = ["text-encoder layers skipped: no CLIP connected"] if res.clip_missing else []
     if strength_model == 0 or (clip is not None and strength_clip == 0):
-        note = "; ".join(x for x in (note, "strength 0 leaves that side unchanged") if x)
-    return new_model, new_clip, describe(res.report, counts, note)
+        notes.append("strength 0 leaves that side unchanged")
+    if mult:
+        notes.append(f"block strength: {blocks.describe(mult) or 'all 1'}")
+    return new_model, new_clip, describe(res.report, counts, "; ".join(notes))
 
 
 # ---- PaRa + LoRA ---------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import torch
 from harness import REPO_ROOT
 
 WORKFLOWS = os.path.join(REPO_ROOT, "example_workflows")
-MINE = ["para_personalised_generation.json", "para_two_subjects_merged.json", "para_with_style_lora.json"]
+MINE = ["para_personalised_generation.json", "para_two_subjects_merged.json", "para_with_style_lora.json",
+        "para_regional_two_subjects.json"]
 LIN = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k"
 FF = "diffusion_model.output_blocks.1.1.transformer_blocks.0.ff.net.0.proj"
 TEQ = "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"
@@ -63,21 +64,30 @@ def test_example_workflow_is_well_formed(comfy, name):
 @pytest.mark.parametrize("name", MINE)
 def test_example_workflow_runs(comfy, files, name):
     prompt = comfy.workflow_to_prompt(os.path.join(WORKFLOWS, name), values=files,
-                                      overrides={"EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 2}})
+                                      overrides={"EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 2},
+                                                 "SolidMask": {"width": 64, "height": 64}})
     assert not any(v["class_type"] == "Note" for v in prompt.values())
-    unknown = [v for v in prompt.values() if v["class_type"] in ("CheckpointLoaderSimple", "PaRaLoader", "PaRaLoRACombine")
+    unknown = [v for v in prompt.values() if v["class_type"] in ("CheckpointLoaderSimple", "PaRaLoader", "PaRaLoadFile", "PaRaLoRACombine")
                and not {x for x in v["inputs"].values() if isinstance(x, str)} & set(files.values())]
     assert not unknown, f"a model file of the workflow was not substituted: {unknown}"
     ui = comfy.run(prompt)
     comfy.saved_images(prompt, ui)
     texts = {prompt[nid]["class_type"]: ui[nid]["text"][0] for nid in ui if "text" in ui[nid]}
     if name == "para_personalised_generation.json":
-        assert texts["PaRaLoader"] == "wf_subject.safetensors: model: 2 layers patched, clip: 1 layer patched"
+        assert texts["PaRaLoader"] == "model: 2 layers patched, clip: 1 layer patched"
     if name == "para_two_subjects_merged.json":
         merges = {prompt[nid]["inputs"]["mode"]: ui[nid]["text"][0] for nid in ui if prompt[nid]["class_type"] == "PaRaMerge"}
         assert set(merges) == {"sequential", "union"} and all("principal angles" in t for t in merges.values())
+        assert sorted(t for nid, t in ((n, ui[n]["text"][0]) for n in ui if "text" in ui[n]) if prompt[nid]["class_type"] == "PaRaLoadFile") \
+            == ["2 layers, rank 4-8", "3 layers, rank 4-8"]
+        assert not any(v["class_type"] == "PaRaLoader" for v in prompt.values()), "merge workflows read files with Load PaRa File"
         saves = [nid for nid, v in prompt.items() if v["class_type"] == "SaveImage"]
         images = [comfy.output(prompt[nid]["inputs"]["images"][0]) for nid in saves]
         assert not torch.equal(images[0], images[1]), "sequential and union of overlapping subjects should differ"
+    if name == "para_regional_two_subjects.json":
+        hooks = [ui[nid]["text"][0] for nid in ui if prompt[nid]["class_type"] == "PaRaHook"]
+        assert sorted(hooks) == ["hook: 2 layers, rank 4-8; strength model 1, clip 1\nactive only on the conditionings that carry it",
+                                 "hook: 3 layers, rank 4-8; strength model 1, clip 1\nactive only on the conditionings that carry it"]
+        assert not any(v["class_type"] in ("PaRaMerge", "PaRaLoader", "PaRaApply") for v in prompt.values()), "regional: no merge, no patched model"
     if name == "para_with_style_lora.json":
         assert "2 with PaRa and LoRA, 1 PaRa only, 0 LoRA only" in texts["PaRaLoRACombine"]

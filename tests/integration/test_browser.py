@@ -1,0 +1,219 @@
+"""The pack in a real browser: headless Chromium (Debian's `chromium`) driven by Playwright for Python,
+against a real ComfyUI server (main.py, 127.0.0.1, free port) with the real front end
+(comfyui_frontend_package) and this pack installed as custom_nodes/comfyui-para.
+
+For every example workflow: open it from the template browser (Templates -> Extensions -> comfyui-para),
+check that no dialog (missing nodes/models) opened and every node type is known to the front end; then,
+for the workflows the tiny test models can run, shrink the sizes/steps in the widgets, press Run, wait
+for the prompt, and read the text each PaRa node shows on the canvas (the `$$node-text-preview` widget
+the front end adds for progress text), which must match the node's /api/history entry.
+
+Skipped, with the reason, where Playwright, Chromium or the front-end package is missing. Never calls
+`playwright install`: the system browser is used (env PARA_CHROMIUM, default /usr/bin/chromium).
+Screenshots go to env PARA_SCREENSHOTS if set, else the test's temp dir.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import re
+import shutil
+
+import pytest
+import torch
+
+from harness import REPO_ROOT
+
+CHROMIUM = os.environ.get("PARA_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def _skip_reason() -> str:
+    if importlib.util.find_spec("playwright") is None:
+        return "needs Playwright for Python (pip install playwright; the package only, no `playwright install`)"
+    if not os.access(CHROMIUM, os.X_OK):
+        return f"needs Chromium at {CHROMIUM} (apt-get install chromium, or set PARA_CHROMIUM)"
+    if importlib.util.find_spec("comfyui_frontend_package") is None:
+        return "needs the ComfyUI front end (pip install comfyui-frontend-package, from ComfyUI's requirements.txt)"
+    return ""
+
+
+_REASON = _skip_reason()
+if _REASON:
+    pytest.skip(f"browser test skipped: {_REASON}", allow_module_level=True)
+
+from playwright.sync_api import sync_playwright  # noqa: E402
+
+from server_harness import ComfyServer  # noqa: E402
+
+WORKFLOWS = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(REPO_ROOT, "example_workflows", "*.json")))
+TEXT_WIDGET = "$$node-text-preview"
+LIN = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k"
+FF = "diffusion_model.output_blocks.1.1.transformer_blocks.0.ff.net.0.proj"
+TEQ = "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"
+# Widgets set in the browser before Run, so that the tiny models run in seconds on a CPU.
+TINY = {"EmptyLatentImage": {"width": 64, "height": 64}, "KSampler": {"steps": 2},
+        "SolidMask": {"width": 64, "height": 64}, "PaRaTrainer": {"steps": 2, "preview_every": 0, "save_every": 0, "training_dtype": "fp32"}}
+# What each PaRa node must show after a run (a regex searched in the node's text).
+EXPECTED = {
+    "PaRaLoader": r"^model: \d+ layers? patched",
+    "PaRaLoadFile": r"^\d+ layers?, rank \d",
+    "PaRaApply": r"^model: \d+ layers? patched",
+    "PaRaMerge": r"^overlap: .*principal angles.*\n(sequential|union) merge: \d+ layers?",
+    "PaRaLoRACombine": r"^model: \d+ layers? patched.*with PaRa and LoRA",
+    "PaRaSave": r"^saved para/[^ ]+_\d{5}_\.safetensors\n\d+ layers?, rank",
+    "PaRaHook": r"^hook: \d+ layers?, rank ",
+    "PaRaTrainer": r"^\d+ layers \(.*\nsteps \d+, loss \d",
+}
+# Workflows whose checkpoint the tiny SD1.5 stands in for; others (SDXL/Flux training) are only loaded.
+RUNNABLE_CKPT = "v1-5-pruned-emaonly.safetensors"
+
+
+def _images(folder: str, n: int, seed: int) -> None:
+    from PIL import Image
+    os.makedirs(folder, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for i in range(n):
+        img = (torch.rand(64, 64, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(img).save(os.path.join(folder, f"img_{i}.png"))
+
+
+@pytest.fixture(scope="module")
+def server(comfy, sd15):
+    """ComfyUI serving the harness's folders, with model files under the names the example workflows use."""
+    g = torch.Generator().manual_seed(800)
+    ckpt = os.path.join(comfy.dirs["checkpoints"], RUNNABLE_CKPT)
+    if not os.path.exists(ckpt):
+        os.symlink(comfy.path("checkpoints", sd15["ckpt"]), ckpt)
+    a = {LIN: [torch.randn(320, 8, generator=g)], FF: [torch.randn(2560, 8, generator=g)], TEQ: [torch.randn(768, 4, generator=g)]}
+    b = {LIN: [torch.cat([a[LIN][0][:, :4], torch.randn(320, 4, generator=g)], 1)], FF: [torch.randn(2560, 4, generator=g)]}
+    for name, stages in (("my_subject_para.safetensors", a), ("subject_a_para.safetensors", a), ("subject_b_para.safetensors", b)):
+        if not os.path.exists(comfy.path("para", name)):
+            comfy.write_para(name, stages)
+    if not os.path.exists(comfy.path("loras", "my_style_lora.safetensors")):
+        comfy.write_safetensors("loras", "my_style_lora.safetensors", {
+            f"{FF}.lora_up.weight": torch.randn(2560, 8, generator=g) * 0.1, f"{FF}.lora_down.weight": torch.randn(8, 320, generator=g) * 0.1})
+    for folder, seed in (("my_subject_images", 1), ("subject_a_images", 2), ("subject_b_images", 3)):
+        _images(os.path.join(comfy.dirs["input"], folder), 2, seed)
+    _images(os.path.join(comfy.dirs["input"], "photo"), 1, 4)
+    shutil.copy(os.path.join(comfy.dirs["input"], "photo", "img_0.png"), os.path.join(comfy.dirs["input"], "my_photo.png"))
+    srv = ComfyServer(comfy.comfy_root, comfy.base, REPO_ROOT)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def page(server, tmp_path_factory):
+    shots = os.environ.get("PARA_SCREENSHOTS") or str(tmp_path_factory.mktemp("screens"))
+    os.makedirs(shots, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        pg = browser.new_page(viewport={"width": 1600, "height": 1000})
+        pg.goto(server.url)
+        pg.wait_for_function("window.app?.graph && window.app.extensionManager?.command", timeout=120_000)
+        pg.evaluate("""() => {
+            window.__paraRuns = {};
+            const api = window.app.api;
+            api.addEventListener('execution_success', e => { window.__paraRuns[e.detail.prompt_id] = {ok: true}; });
+            api.addEventListener('execution_error', e => { window.__paraRuns[e.detail.prompt_id] = {ok: false, error: e.detail}; });
+        }""")
+        pg.screenshots = shots
+        yield pg
+        browser.close()
+
+
+def _open_template(pg, name: str) -> None:
+    """Templates -> Extensions -> comfyui-para -> the card of `name` (as a user does)."""
+    pg.keyboard.press("Escape")
+    pg.evaluate("window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    pg.get_by_text("comfyui-para", exact=True).click()
+    card = pg.locator(f"[data-testid='template-workflow-{name}']")
+    card.wait_for(state="visible")
+    if os.path.isfile(os.path.join(REPO_ROOT, "example_workflows", f"{name}.jpg")):  # the card shows our thumbnail
+        pg.wait_for_function("el => [...el.querySelectorAll('img')].some(i => i.complete && i.naturalWidth === 384)",
+                             arg=card.element_handle(), timeout=20_000)
+    if not os.path.exists(os.path.join(pg.screenshots, "templates.png")):
+        pg.screenshot(path=os.path.join(pg.screenshots, "templates.png"))
+    card.click()
+    pg.wait_for_function("name => window.app.extensionManager.workflow.activeWorkflow?.filename === name", arg=name, timeout=30_000)
+    pg.wait_for_timeout(1000)  # a missing-nodes/models dialog opens right after the graph is configured
+
+
+def _run(pg, server) -> str:
+    """Press Run; wait for the prompt; return its id. Fails with the server's error message."""
+    before = set(pg.evaluate("Object.keys(window.__paraRuns)"))
+    pg.get_by_role("button", name="Run", exact=True).first.click()
+    pg.wait_for_function("n => Object.keys(window.__paraRuns).length > n", arg=len(before), timeout=150_000)
+    runs = pg.evaluate("window.__paraRuns")
+    (pid,) = set(runs) - before
+    assert runs[pid]["ok"], f"the prompt failed in the browser: {json.dumps(runs[pid].get('error'))[:800]}"
+    return pid
+
+
+def _shoot_node(pg, name: str, node_id: str) -> str:
+    """A screenshot of one node at 100% zoom (LiteGraph hides widget text below 60%)."""
+    box = pg.evaluate("""id => { const c = window.app.canvas, n = window.app.graph.getNodeById(Number(id));
+        c.ds.scale = 1; c.centerOnNode(n); c.setDirty(true, true); c.draw(true, true);
+        const [x, y] = window.app.canvasPosToClientPos([n.pos[0] - 10, n.pos[1] - 40]);
+        return {x, y, width: n.size[0] + 20, height: n.size[1] + 50}; }""", node_id)
+    pg.wait_for_timeout(300)
+    path = os.path.join(pg.screenshots, f"{name}_node{node_id}.png")
+    pg.screenshot(path=path, clip={k: max(0, v) for k, v in box.items()})
+    return path
+
+
+def _fit_and_shoot(pg, name: str, suffix: str) -> str:
+    pg.evaluate("window.app.canvas.ds && window.app.extensionManager.command.execute('Comfy.Canvas.FitView')")
+    pg.wait_for_timeout(500)
+    path = os.path.join(pg.screenshots, f"{name}_{suffix}.png")
+    pg.screenshot(path=path)
+    return path
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_example_workflow_in_the_browser(server, page, name):
+    server.post("/free", {"unload_models": False, "free_memory": True})  # every node executes (no cache from an earlier workflow)
+    _open_template(page, name)
+    dialogs = page.locator(".p-dialog:visible")
+    assert dialogs.count() == 0, f"{name}: a dialog opened on load: {dialogs.first.inner_text()[:300]!r}"
+    nodes = page.evaluate("""() => window.app.graph.nodes.map(n => ({id: String(n.id), type: n.type, title: n.title,
+        known: !!LiteGraph.registered_node_types[n.type], widgets: (n.widgets || []).map(w => w.name)}))""")
+    unknown = [n["type"] for n in nodes if not n["known"]]
+    assert not unknown, f"{name}: node types the front end does not know: {unknown}"
+    with open(os.path.join(REPO_ROOT, "example_workflows", f"{name}.json"), encoding="utf-8") as f:
+        ckpts = [n["widgets_values"][0] for n in json.load(f)["nodes"] if n["type"] == "CheckpointLoaderSimple"]
+    _fit_and_shoot(page, name, "loaded")
+    if any(c != RUNNABLE_CKPT for c in ckpts) or not ckpts:
+        pytest.skip(f"{name}: loaded without missing nodes; not run (needs {ckpts or 'a model'} the tiny SD1.5 cannot stand in for)")
+    page.evaluate("""tiny => { for (const n of window.app.graph.nodes) for (const [k, v] of Object.entries(tiny[n.type] || {})) {
+        const w = (n.widgets || []).find(w => w.name === k); if (w) { w.value = v; w.callback?.(v); } } }""", TINY)
+    pid = _run(page, server)
+    history = server.get(f"/history/{pid}")[pid]["outputs"]
+    shown = page.evaluate("""name => Object.fromEntries(window.app.graph.nodes.map(n => [String(n.id),
+        (n.widgets || []).find(w => w.name === name)?.value ?? null]))""", TEXT_WIDGET)
+    _fit_and_shoot(page, name, "after_run")
+    para_nodes = [n for n in nodes if n["type"].startswith("PaRa")]
+    assert para_nodes
+    for n in para_nodes:
+        text = shown[n["id"]]
+        assert text, f"{name}: {n['type']} '{n['title']}' (node {n['id']}) shows no text after the run"
+        assert re.search(EXPECTED[n["type"]], text, re.S), f"{name}: {n['type']} shows {text!r}"
+        assert history[n["id"]]["text"] == [text], f"{name}: node {n['id']} shows {text!r}, history has {history[n['id']]}"
+        first_line = text.splitlines()[0][:40]
+        _shoot_node(page, name, n["id"])
+        # the node is centred at 100%: its text is in the page and visible (not only a widget value)
+        assert page.get_by_text(first_line, exact=False).filter(visible=True).count() > 0, \
+            f"{name}: '{first_line}' is not visible on the canvas"
+
+
+def test_every_pack_node_is_registered_in_the_front_end(server, page):
+    """The node library/search lists what the front end registered: every PaRa node, by its display name."""
+    info = server.get("/object_info")
+    ours = {k: v["display_name"] for k, v in info.items() if v.get("python_module", "").endswith("comfyui-para")}
+    assert {"PaRaLoader", "PaRaLoadFile", "PaRaApply", "PaRaMerge", "PaRaLoRACombine", "PaRaSave", "PaRaHook", "PaRaTrainer"} <= set(ours)
+    registered = page.evaluate("""ids => Object.fromEntries(ids.map(id => [id, LiteGraph.registered_node_types[id]?.title ?? null]))""", list(ours))
+    assert registered == ours
