@@ -188,7 +188,10 @@ def test_example_workflow_in_the_browser(server, page, name):
         ckpts = [n["widgets_values"][0] for n in json.load(f)["nodes"] if n["type"] == "CheckpointLoaderSimple"]
     _fit_and_shoot(page, name, "loaded")
     if any(c != RUNNABLE_CKPT for c in ckpts) or not ckpts:
-        pytest.skip(f"{name}: loaded without missing nodes; not run (needs {ckpts or 'a model'} the tiny SD1.5 cannot stand in for)")
+        # SDXL / Flux workflows: the tiny SD1.5 checkpoint cannot stand in for their models here, so the browser
+        # checks them as loaded; test_family_workflows.py runs them end to end on tiny SDXL / Flux models.
+        assert name in ("para_train_sdxl_subject", "para_train_flux_subject"), f"{name} needs {ckpts or 'a model'}"
+        return
     page.evaluate("""tiny => { for (const n of window.app.graph.nodes) for (const [k, v] of Object.entries(tiny[n.type] || {})) {
         const w = (n.widgets || []).find(w => w.name === k); if (w) { w.value = v; w.callback?.(v); } } }""", TINY)
     pid = _run(page, server)
