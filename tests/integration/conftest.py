@@ -100,3 +100,11 @@ def pytest_runtest_makereport(item, call):
     if REQUIRE_HOST and rep.skipped and not hasattr(rep, "wasxfail"):
         rep.outcome = "failed"
         rep.longrepr = f"COMFYUI_PARA_REQUIRE_HOST=1: this integration test did not run: {rep.longrepr}"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collectreport(report):
+    """The same for a whole integration file skipped at import (for example the browser test without Chromium)."""
+    if REQUIRE_HOST and report.skipped:
+        report.outcome = "failed"
+        report.longrepr = f"COMFYUI_PARA_REQUIRE_HOST=1: {report.nodeid} did not run: {report.longrepr}"
