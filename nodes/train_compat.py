@@ -45,6 +45,7 @@ from contextlib import contextmanager
 
 import torch
 
+from ..para_core.forward_patch import wrap_forwards
 from ..para_core.targets import family_for_model
 
 log = logging.getLogger(__name__)
@@ -161,29 +162,15 @@ def _composite_modules(root: torch.nn.Module) -> list[torch.nn.Module]:
 
 def _wrap_forwards(modules: list[torch.nn.Module]) -> Callable[[], None]:
     """Run each module's forward under _SnapshotSaves (see the module docstring). Returns the undo."""
-    undo = []
-    for m in modules:
-        had_own = "forward" in m.__dict__
-        previous = m.__dict__.get("forward")
-        inner = m.forward
-
-        def forward(*args, _inner=inner, **kwargs):
+    def make_forward(_m, inner):
+        def forward(*args, **kwargs):
             with _SnapshotSaves() as saves:
                 if saves.under_foreign_hook:  # a checkpointed unit: it must not update the inputs checkpoint recomputes from
                     args = tuple(_copy(a) for a in args)
                     kwargs = {k: _copy(v) for k, v in kwargs.items()}
-                return _inner(*args, **kwargs)
-
-        m.forward = forward
-        undo.append((m, had_own, previous))
-
-    def restore():
-        for m, had_own, previous in reversed(undo):
-            if had_own:
-                m.forward = previous
-            else:
-                m.__dict__.pop("forward", None)
-    return restore
+                return inner(*args, **kwargs)
+        return forward
+    return wrap_forwards(modules, make_forward)
 
 
 def _diffusion_model(model) -> torch.nn.Module:

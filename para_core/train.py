@@ -34,6 +34,7 @@ import torch.utils.checkpoint
 
 from . import safetensors_io
 from .errors import ParaError, ParaFormatError
+from .forward_patch import wrap_forwards
 from .format import ParaModel, parse_training_metadata
 from .layer import DEFAULT_INIT, ParaNetwork
 from .targets import DEFAULT_GAMMA, DEFAULT_PRESET
@@ -158,27 +159,12 @@ def checkpoint_units(module: torch.nn.Module) -> list[torch.nn.Module]:
 
 def enable_checkpointing(units: Iterable[torch.nn.Module]) -> Callable[[], None]:
     """Recompute each unit's activations in backward instead of storing them (less memory, one more
-    forward per unit). Installs an instance ``forward``; returns the undo, which puts back exactly what
-    was there (an own ``forward`` attribute or none)."""
-    undo = []
-    for m in units:
-        had_own = "forward" in m.__dict__
-        previous = m.__dict__.get("forward")
-        inner = m.forward
-
-        def fwd(*args, _inner=inner, **kwargs):
-            return torch.utils.checkpoint.checkpoint(_inner, *args, use_reentrant=False, **kwargs)
-
-        m.forward = fwd
-        undo.append((m, had_own, previous))
-
-    def restore() -> None:
-        for m, had_own, previous in reversed(undo):
-            if had_own:
-                m.forward = previous
-            else:
-                m.__dict__.pop("forward", None)
-    return restore
+    forward per unit). Returns the undo (see `forward_patch.wrap_forwards`)."""
+    def make_forward(_m, inner):
+        def fwd(*args, **kwargs):
+            return torch.utils.checkpoint.checkpoint(inner, *args, use_reentrant=False, **kwargs)
+        return fwd
+    return wrap_forwards(units, make_forward)
 
 
 # ---- the optimizer-step loop ------------------------------------------------------------------------

@@ -317,3 +317,25 @@ def test_losses_optimizers_config_and_seeds():
     seeds = {step_seed(s, k) for s in range(4) for k in range(50)}
     assert len(seeds) == 200 and all(0 <= v < 2 ** 63 for v in seeds)
     assert step_seed(2 ** 64 - 1, 10 ** 9) == step_seed(2 ** 64 - 1, 10 ** 9)
+
+
+# ---- forward replacement --------------------------------------------------------------------------------
+def test_wrap_forwards_undo_restores_exactly_what_was_there():
+    from para_core.forward_patch import wrap_forwards
+    plain, own = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    own_forward = own.forward  # a bound method stored as an instance attribute, as another wrapper would leave it
+    own.forward = own_forward
+    x = torch.randn(2, 3)
+    undo = wrap_forwards([plain, own], lambda m, inner: (lambda *a, **k: inner(*a, **k) * 2))
+    assert torch.equal(plain(x), 2 * torch.nn.functional.linear(x, plain.weight, plain.bias))
+    assert torch.equal(own(x), 2 * own_forward(x))
+    undo()
+    assert "forward" not in plain.__dict__ and own.__dict__["forward"] is own_forward
+
+    def failing(m, inner):
+        if m is own:
+            raise RuntimeError("boom")
+        return lambda *a, **k: inner(*a, **k)
+    with pytest.raises(RuntimeError, match="boom"):
+        wrap_forwards([plain, own], failing)
+    assert "forward" not in plain.__dict__ and own.__dict__["forward"] is own_forward
