@@ -13,7 +13,7 @@ Fixture API (stable; the trainer tests use it too)
 * ``comfy.run(prompt, fresh_cache=False) -> dict``: run an API-format prompt through ComfyUI's validation
   and PromptExecutor; returns the history outputs ``{node_id: ui dict}`` (e.g. ``{"text": [...]}``).
   Raises AssertionError with ComfyUI's message on failure. Nodes whose inputs are unchanged since an
-  earlier prompt come from ComfyUI's cache (LRU of 32, so the checkpoint stays loaded) and report no ui;
+  earlier prompt come from ComfyUI's cache (a large LRU, so the checkpoint stays loaded for the whole session) and report no ui;
   ``fresh_cache=True`` executes every node again on a new executor (the session cache is kept).
 * ``comfy.run_failing(prompt) -> str``: the prompt must fail; returns
   ``"<class_type> (node <id>): <ExceptionType>: <message>"`` or ``"validation failed: ..."``.

@@ -27,6 +27,7 @@ import torch
 
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 GEN = torch.Generator().manual_seed(0)
+LRU_SIZE = 1024
 
 
 def find_comfyui() -> tuple[str | None, str]:
@@ -130,7 +131,10 @@ class ComfyHarness:
             if not ok or "PaRaLoader" not in nodes.NODE_CLASS_MAPPINGS:
                 raise RuntimeError(f"ComfyUI could not load the pack at {REPO_ROOT} (see the log above)")
         self.server = _StubServer()
-        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.LRU, cache_args={"lru": 32, "ram": 0})
+        # A large LRU: the whole suite runs in one process, and the `sd15` fixture's CheckpointLoaderSimple output must
+        # stay the model later prompts get (test files with many model-free prompts, like the corpus, would push it
+        # out of a small cache, and a reload gives new objects).
+        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.LRU, cache_args={"lru": LRU_SIZE, "ram": 0})
         self._last_executor = self.executor
 
     # ---- running prompts ---------------------------------------------------------------------------
@@ -163,7 +167,7 @@ class ComfyHarness:
     def run(self, prompt: dict, fresh_cache: bool = False) -> dict:
         """Run an API-format prompt; return its history outputs ({node_id: ui dict}). Raises on failure.
 
-        Nodes whose inputs did not change since an earlier prompt come from ComfyUI's cache (an LRU of 32,
+        Nodes whose inputs did not change since an earlier prompt come from ComfyUI's cache (an LRU of LRU_SIZE entries,
         so the tiny checkpoint stays loaded). fresh_cache=True runs this one prompt on a new executor with
         an empty cache: every node executes again (the session cache is kept for later prompts).
         """
@@ -453,6 +457,14 @@ def union64(bases: list[torch.Tensor]) -> torch.Tensor:
     """Orthonormal basis of span(B_1 ∪ B_2 ∪ ...) in float64."""
     u, s, _ = torch.linalg.svd(torch.cat([orth64(b) for b in bases], 1), full_matrices=False)
     return u[:, s > 1e-10 * s.max()]
+
+
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality, NaN payloads included. ComfyUI leaves weights a checkpoint does not have as
+    uninitialised memory (SD1.5's CLIP text_projection, which SD1.5 never uses), and torch.equal calls such
+    a tensor unequal to its own copy whenever the garbage holds a NaN."""
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8)))
 
 
 def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import families as F
-from harness import project64
+from harness import bits_equal, project64
 
 FAMILY_KEYS = list(F.FAMILIES)
 
@@ -196,7 +196,7 @@ def test_apply_native_and_lora_names_merge_and_lora_after_para(comfy, fam):
             s, size = rows
             _close(got[key][s:s + size], project64(base[key][s:s + size], chain), f"{fam} {key} rows {s}..{s + size}")
             assert torch.equal(got[key][:s], base[key][:s]) and torch.equal(got[key][s + size:], base[key][s + size:])
-    assert all(torch.equal(v, base[k]) for k, v in got.items() if k not in expect)
+    assert all(bits_equal(v, base[k]) for k, v in got.items() if k not in expect)
     w = comfy.patched_state_dict(lora_after, [native + ".weight"])[native + ".weight"]
     _close(w, project64(base[native + ".weight"], stages[native]) + (1.0 / 2) * up.double() @ down.double(), f"{fam} PaRa + LoRA")
     w = comfy.patched_state_dict(merged_model, [native + ".weight"])[native + ".weight"]
@@ -264,7 +264,7 @@ def test_train_save_load_and_model_restored(comfy, fam_nodes, fam):
     comfy.run(g2.finalize())
     a = comfy.patched_state_dict(trained)
     b = comfy.patched_state_dict(comfy.output(ld.id, 0))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and all(bits_equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], v) for k, v in comfy.base_state_dict(trained).items())  # training changed weights
     after = _fixed_forward(fam)
     assert torch.equal(before, after), f"{fam}: the model computes differently after training"

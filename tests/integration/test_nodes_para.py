@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from harness import orth64, project64, ulp, union64
+from harness import bits_equal, orth64, project64, ulp, union64
 
 LIN = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k"  # Linear 320 x 768
 FF = "diffusion_model.output_blocks.1.1.transformer_blocks.0.ff.net.0.proj"  # Linear 2560 x 320
@@ -88,10 +88,10 @@ def test_load_patches_unet_and_clip_against_float64(comfy, sd15, base):
     for sd, ref in ((unet, base["unet"]), (te, base["clip"])):
         for k, v in sd.items():
             if k not in patched:
-                assert torch.equal(v, ref[k]), f"{k} changed but has no PaRa"
+                assert bits_equal(v, ref[k]), f"{k} changed but has no PaRa"
     # unloading restored the base bit-exactly (ComfyUI's backups), and the input model carries no patches
-    assert all(torch.equal(v, base["unet"][k]) for k, v in comfy.base_state_dict(sd15["model"]).items())
-    assert all(torch.equal(v, base["clip"][k]) for k, v in comfy.base_state_dict(sd15["clip"]).items())
+    assert all(bits_equal(v, base["unet"][k]) for k, v in comfy.base_state_dict(sd15["model"]).items())
+    assert all(bits_equal(v, base["clip"][k]) for k, v in comfy.base_state_dict(sd15["clip"]).items())
     assert not sd15["model"].patches and not sd15["clip"].patcher.patches
     # the PARA output is the parsed file
     assert sorted(comfy.output(para.id, 2).stages) == sorted(stages)
@@ -105,7 +105,7 @@ def test_strength_zero_is_bit_identical_and_strength_is_linear(comfy, sd15, base
     assert "model: 0 layers patched, clip: 0 layers patched" in ui[para.id]["text"][0]
     for patcher, ref in ((comfy.output(para.id, 0), base["unet"]), (comfy.output(para.id, 1), base["clip"])):
         for k, v in comfy.patched_state_dict(patcher).items():
-            assert torch.equal(v, ref[k]), k
+            assert bits_equal(v, ref[k]), k
     for s in (0.5, -1.0, 2.0):
         g, _, para = loader_graph(comfy, sd15["ckpt"], "strength.safetensors", s, s)
         comfy.run(g.finalize())
@@ -268,7 +268,7 @@ def test_para_lora_combine_against_float64(comfy, sd15, base, mode):
     assert_fp32_close(unet[wkey(FF)], w0(base, FF).double() + a2 * a2 * up.double() @ down.double(), f"{mode} LoRA only")
     assert_fp32_close(unet[wkey(CONV1)], project64(w0(base, CONV1), para[CONV1], a1 * a1), f"{mode} PaRa only")
     touched = {wkey(m) for m in (LIN, FF, CONV1)}
-    assert all(torch.equal(v, base["unet"][k]) for k, v in unet.items() if k not in touched)
+    assert all(bits_equal(v, base["unet"][k]) for k, v in unet.items() if k not in touched)
 
 
 def test_para_lora_combine_refuses_what_it_cannot_combine(comfy, sd15):
@@ -330,7 +330,7 @@ def test_kohya_and_diffusers_names(comfy, sd15, base):
         else:
             assert_fp32_close(unet[wkey(m)], project64(w0(base, m), stages[name]), name)
     touched = {wkey(m) for m in names.values()}
-    assert all(torch.equal(v, base["unet"][k]) for k, v in unet.items() if k not in touched)
+    assert all(bits_equal(v, base["unet"][k]) for k, v in unet.items() if k not in touched)
 
 
 def test_text_encoder_modules_without_clip_are_reported_as_skipped(comfy, sd15, base):
@@ -370,7 +370,7 @@ def test_sd3_native_fused_and_diffusers_offsets(comfy):
     assert_fp32_close(got[k1][256:], project64(base[k1][256:], stages["transformer.transformer_blocks.1.attn.to_v"]), "to_v rows")
     kff = "diffusion_model.joint_blocks.1.x_block.mlp.fc1.weight"
     assert_fp32_close(got[kff], project64(base[kff], stages["transformer.transformer_blocks.1.ff.net.0.proj"]), "mlp")
-    assert all(torch.equal(v, base[k]) for k, v in got.items() if k not in (k0, k1, kff))
+    assert all(bits_equal(v, base[k]) for k, v in got.items() if k not in (k0, k1, kff))
 
 
 def test_flux_fused_qkv_offsets(comfy):
@@ -403,7 +403,7 @@ def test_flux_fused_qkv_offsets(comfy):
     ada = "diffusion_model.final_layer.adaLN_modulation.1.weight"
     swap = lambda t: torch.cat([t[h:], t[:h]])  # noqa: E731
     assert_fp32_close(got[ada], swap(project64(swap(base[ada]), stages["transformer.norm_out.linear"])), "norm_out")
-    assert all(torch.equal(v, base[k]) for k, v in got.items() if k not in (img, txt, lin, ada))
+    assert all(bits_equal(v, base[k]) for k, v in got.items() if k not in (img, txt, lin, ada))
 
 
 def test_fp8_storage_patches_within_fp8_rounding(comfy):
@@ -427,7 +427,7 @@ def test_fp8_storage_patches_within_fp8_rounding(comfy):
         change = float((ref - base[k].double()).norm() / base[k].double().norm())
         err = float((got[k].double() - ref).norm() / ref.norm())
         assert change > 0.15 and err < 0.06, (change, err)
-    assert all(torch.equal(v, base[k]) for k, v in got.items() if k not in (wkey(LIN), wkey(FF)))
+    assert all(bits_equal(v, base[k]) for k, v in got.items() if k not in (wkey(LIN), wkey(FF)))
 
 
 # ---- sampling --------------------------------------------------------------------------------------

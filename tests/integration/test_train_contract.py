@@ -5,6 +5,7 @@ conditioning), bf16 autocast, resuming from a file without training state, and t
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -64,7 +65,9 @@ def test_metadata_previews_weight_space_and_bf16(comfy, sd15, latents):
         "loss_space": "eps", "init": "small_sv"}
     assert all(x.dtype == torch.float16 for x in para.tensors.values())
     assert len(ui[a.id]["images"]) == 2 and len(ui[b.id]["images"]) == 1  # latent preview x2, VAE preview x1
-    assert ui[a.id]["text"][0].startswith("51 layers (all, unet)")
+    first, second = ui[a.id]["text"][0].splitlines()[:2]  # the key facts first: the node shows about two lines
+    assert re.fullmatch(r"steps 2, loss \d+\.\d{4} \(eps space\); \d+\.\d KiB as fp16", first), first
+    assert second.startswith("51 layers (all, unet)"), second
     for node in (a, b):
         loss = comfy.output(node.id, 2)["loss"]
         assert loss and all(torch.isfinite(torch.tensor(loss)))
