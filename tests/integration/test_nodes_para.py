@@ -748,8 +748,6 @@ def test_saved_file_keeps_the_process_umask(comfy, sd15):
     prompt, sv = _save_graph(comfy, "mode.safetensors", "para/mode_test")
     comfy.run(prompt, fresh_cache=True)
     mode = stat.S_IMODE(os.stat(os.path.join(comfy.dirs["output"], "para", "mode_test_00001_.safetensors")).st_mode)
-    if mode == 0o600 and mask != 0o177:
-        pytest.skip("para_core.safetensors_io.atomic_output still writes mkstemp's 0600 (its fix is on another branch)")
     assert mode == 0o666 & ~mask, oct(mode)
 
 
