@@ -698,18 +698,18 @@ def _save_graph(comfy, para_name, prefix):
 def test_save_numbers_only_its_own_files(comfy, sd15):
     """The trainer writes <prefix>_<step>_steps_<n>_ with the same prefix: it must not shift Save PaRa's numbers."""
     comfy.write_para("numbered.safetensors", {LIN: [rand_b(320, 2, 190)]})
-    out = os.path.join(comfy.dirs["output"], "para")
+    out = os.path.join(comfy.dirs["output"], "para", "numbering")  # a folder of its own: other tests save para/sks_dog too
     os.makedirs(out, exist_ok=True)
     for name in ("sks_dog_5_steps_00001_.safetensors", "sks_dog_1000_steps_00002_.safetensors", "sks_dog_5_steps_00001_.para_state",
                  "sks_dog_00007_.png", "sks_dog_extra_00009_.safetensors", "sks_dog_0042_.safetensors", "my_sks_dog_00011_.safetensors"):
         with open(os.path.join(out, name), "wb") as f:
             f.write(b"not a PaRa")
-    prompt, sv = _save_graph(comfy, "numbered.safetensors", "para/sks_dog")
-    assert comfy.run(prompt, fresh_cache=True)[sv.id]["text"][0].startswith("saved para/sks_dog_00001_.safetensors\n")
-    assert comfy.run(prompt, fresh_cache=True)[sv.id]["text"][0].startswith("saved para/sks_dog_00002_.safetensors\n")
+    prompt, sv = _save_graph(comfy, "numbered.safetensors", "para/numbering/sks_dog")
+    assert comfy.run(prompt, fresh_cache=True)[sv.id]["text"][0].startswith("saved para/numbering/sks_dog_00001_.safetensors\n")
+    assert comfy.run(prompt, fresh_cache=True)[sv.id]["text"][0].startswith("saved para/numbering/sks_dog_00002_.safetensors\n")
     with open(os.path.join(out, "sks_dog_00005_.safetensors"), "wb") as f:  # one of its own numbers, from an older session
         f.write(b"older")
-    assert comfy.run(prompt, fresh_cache=True)[sv.id]["text"][0].startswith("saved para/sks_dog_00006_.safetensors\n")
+    assert comfy.run(prompt, fresh_cache=True)[sv.id]["text"][0].startswith("saved para/numbering/sks_dog_00006_.safetensors\n")
     with open(comfy.path("para", "numbered.safetensors"), "rb") as f:
         original = f.read()
     for n in (1, 2, 6):
