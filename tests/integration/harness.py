@@ -372,6 +372,20 @@ def _is_widget(typ, opts) -> bool:
     return typ in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 
 
+def write_subject_images(folder: str, n: int, seed: int) -> None:
+    """n 64x64 PNG "photos" of a subject (a coloured blob on noise), deterministic in `seed`, for dataset inputs."""
+    import numpy as np
+    from PIL import Image
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:64, 0:64]
+    for i in range(n):
+        cx, cy = rng.integers(16, 48, size=2)
+        blob = ((xx - cx) ** 2 + (yy - cy) ** 2 < 150)[..., None] * rng.integers(60, 255, size=3)
+        img = (blob + rng.integers(0, 40, size=(64, 64, 3))).clip(0, 255).astype(np.uint8)
+        Image.fromarray(img).save(os.path.join(folder, f"img_{i}.png"))
+
+
 # ---- random weights ---------------------------------------------------------------------------------
 def _init_sd(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Explicit init (ComfyUI ops leave weights uninitialised): N(0, 1/fan_in) matrices, norms 1, small biases."""

@@ -24,7 +24,7 @@ import shutil
 import pytest
 import torch
 
-from harness import REPO_ROOT
+from harness import REPO_ROOT, write_subject_images
 
 CHROMIUM = os.environ.get("PARA_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -72,13 +72,6 @@ EXPECTED = {
 RUNNABLE_CKPT = "v1-5-pruned-emaonly.safetensors"
 
 
-def _images(folder: str, n: int, seed: int) -> None:
-    from PIL import Image
-    os.makedirs(folder, exist_ok=True)
-    g = torch.Generator().manual_seed(seed)
-    for i in range(n):
-        img = (torch.rand(64, 64, 3, generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(img).save(os.path.join(folder, f"img_{i}.png"))
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +90,8 @@ def server(comfy, sd15):
         comfy.write_safetensors("loras", "my_style_lora.safetensors", {
             f"{FF}.lora_up.weight": torch.randn(2560, 8, generator=g) * 0.1, f"{FF}.lora_down.weight": torch.randn(8, 320, generator=g) * 0.1})
     for folder, seed in (("my_subject_images", 1), ("subject_a_images", 2), ("subject_b_images", 3)):
-        _images(os.path.join(comfy.dirs["input"], folder), 2, seed)
-    _images(os.path.join(comfy.dirs["input"], "photo"), 1, 4)
+        write_subject_images(os.path.join(comfy.dirs["input"], folder), 2, seed)
+    write_subject_images(os.path.join(comfy.dirs["input"], "photo"), 1, 4)
     shutil.copy(os.path.join(comfy.dirs["input"], "photo", "img_0.png"), os.path.join(comfy.dirs["input"], "my_photo.png"))
     srv = ComfyServer(comfy.comfy_root, comfy.base, REPO_ROOT)
     srv.start()

@@ -15,23 +15,13 @@ import os
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import families as F
-from harness import REPO_ROOT, _init_sd
+from harness import REPO_ROOT, _init_sd, write_subject_images
 
 WORKFLOWS = os.path.join(REPO_ROOT, "example_workflows")
 
 
-def _images(folder: str, n: int, seed: int) -> None:
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:64, 0:64]
-    for i in range(n):
-        cx, cy = rng.integers(16, 48, size=2)
-        blob = ((xx - cx) ** 2 + (yy - cy) ** 2 < 150)[..., None] * rng.integers(60, 255, size=3)
-        img = (blob + rng.integers(0, 40, size=(64, 64, 3))).clip(0, 255).astype(np.uint8)
-        Image.fromarray(img).save(os.path.join(folder, f"img_{i}.png"))
 
 
 def _taesd_vae(latent_channels: int):
@@ -96,7 +86,7 @@ def loaders(comfy, sd15):
     for name, cls in (("ParaTestTinyCheckpoint", TinyCheckpoint), ("ParaTestTinyUNet", TinyUNet),
                       ("ParaTestTinyCLIP", TinyCLIP), ("ParaTestTinyVAE16", TinyVAE16)):
         m.setdefault(name, cls)
-    _images(os.path.join(comfy.dirs["input"], "wf_family_subject"), 3, 5)
+    write_subject_images(os.path.join(comfy.dirs["input"], "wf_family_subject"), 3, 5)
     return True
 
 

@@ -4,33 +4,22 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from harness import REPO_ROOT
+from harness import REPO_ROOT, write_subject_images
 
 WORKFLOWS = os.path.join(REPO_ROOT, "example_workflows")
 TRAINING = ["para_train_subject.json", "para_train_one_shot_edit.json", "para_train_multi_subject.json"]
 
 
-def _images(folder: str, n: int, seed: int) -> None:
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:64, 0:64]
-    for i in range(n):
-        cx, cy = rng.integers(16, 48, size=2)
-        blob = ((xx - cx) ** 2 + (yy - cy) ** 2 < 150)[..., None] * rng.integers(60, 255, size=3)
-        img = (blob + rng.integers(0, 40, size=(64, 64, 3))).clip(0, 255).astype(np.uint8)
-        Image.fromarray(img).save(os.path.join(folder, f"img_{i}.png"))
 
 
 @pytest.fixture(scope="module")
 def inputs(comfy, sd15):
     base = comfy.dirs["input"]
-    _images(os.path.join(base, "wf_subject_a"), 3, 1)
-    _images(os.path.join(base, "wf_subject_b"), 3, 2)
-    _images(os.path.join(base, "wf_photo"), 1, 3)
+    write_subject_images(os.path.join(base, "wf_subject_a"), 3, 1)
+    write_subject_images(os.path.join(base, "wf_subject_b"), 3, 2)
+    write_subject_images(os.path.join(base, "wf_photo"), 1, 3)
     os.replace(os.path.join(base, "wf_photo", "img_0.png"), os.path.join(base, "wf_photo.png"))
     return {"v1-5-pruned-emaonly.safetensors": sd15["ckpt"], "my_subject_images": "wf_subject_a",
             "subject_a_images": "wf_subject_a", "subject_b_images": "wf_subject_b", "my_photo.png": "wf_photo.png"}
