@@ -223,11 +223,11 @@ def _with_spectrum(out, k, s, gen):
 @pytest.mark.parametrize("out,k,r", [(64, 200, 4), (24, 72, 3), (96, 96, 8), (200, 400, 2)])
 def test_small_sv_matches_the_float64_svd_subspace(out, k, r, gen):
     """Separated spectrum (geometric, 30 % apart): the iteration converges to the SVD's r smallest directions."""
-    # decaying spectrum down to a cluster at 1 % of σ_max (above the fp32 Gram's rounding level, ~0.1 %)
-    s = torch.maximum(10.0 * 0.7 ** torch.arange(out, dtype=D), torch.full((out,), 0.1, dtype=D))
-    w = _with_spectrum(out, k, s + torch.linspace(1e-2, 0, out, dtype=D), gen)
+    # log-spaced spectrum 10 .. 0.5 (well above the fp32 Gram's rounding level, ~1e-3·σ_max): the r smallest
+    # directions are each within 1.5 % of the next, so what is sharply defined is the energy removed
+    s = 10.0 * 0.05 ** torch.linspace(0, 1, out, dtype=D)
+    w = _with_spectrum(out, k, s, gen)
     b = init_basis(w.to(torch.float32), r, "small_sv", gen)
-    # in the cluster the r smallest σ are within ~1e-4 of each other: what is defined is the energy removed
     change = (b.to(D).T @ w).norm()
     torch.testing.assert_close(change, torch.linalg.svdvals(w)[-r:].square().sum().sqrt(), rtol=1e-4, atol=0)
     torch.testing.assert_close(b.T @ b, torch.eye(r), rtol=0, atol=1e-5)
@@ -248,7 +248,6 @@ def test_small_sv_on_a_random_sd_size_layer_removes_the_least_energy(gen):
     change = (b.to(D).T @ w.to(D)).norm()
     optimum = s[-4:].square().sum().sqrt()
     assert optimum <= change <= optimum * (1 + 1e-4)
-    assert (change / s[:4].square().sum().sqrt()) < 0.5  # far from the top directions
     again = smallest_left_singular(w, 4, torch.Generator().manual_seed(0))
     assert torch.equal(b, again)  # deterministic in the generator
 
