@@ -1,10 +1,11 @@
 """Train PaRa against ComfyUI's own Train LoRA and against the floor, on the same UNet, data and conditions.
 
 The **floor** is the same training loop (the Train PaRa node's, unchanged: data, noise, σ, autocast,
-checkpointing, loss, optimizer) on the same model with no adapter at all: the frozen model, the input
-latent as the only thing that needs a gradient. It costs one forward, one recomputation (checkpointing)
-and the activation gradients of backward through every layer - what any adapter method pays, because an
-adapter in the first layers needs the gradient to flow back through all of them. PaRa / floor is the
+checkpointing, loss, optimizer) on the same model with no adapter at all: the frozen model, with one scalar
+(x 1) on the first block's output as the only thing that needs a gradient. It costs one forward, one
+recomputation (checkpointing) and the activation gradients of backward through every layer - what any
+adapter method pays, because an adapter in the first layers needs the gradient to flow back through all of
+them. PaRa / floor is the
 adapter's own overhead; PaRa / core Train LoRA the comparison users see.
 
 Every configuration runs in its own fresh process (so peak memory is that run's alone) and calls the node's
@@ -124,6 +125,11 @@ def worker(cfg: dict) -> dict:
         base_mem = _reset_peak()
     t0 = time.perf_counter()
     out: dict = {"name": cfg["name"]}
+    prof = None
+    if cfg.get("profile"):
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
+                                      ([torch.profiler.ProfilerActivity.CUDA] if cuda else []))
+        prof.__enter__()
     with torch.inference_mode():
         if cfg["kind"] == "core":
             from comfy_extras.nodes_train import TrainLoraNode
@@ -143,6 +149,10 @@ def worker(cfg: dict) -> dict:
             if seen:
                 out["modes"] = seen[-1].describe_modes()
             assert pack is not None
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        out["profile"] = prof.key_averages().table(sort_by=key, row_limit=cfg["profile"])
     if cuda:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base_mem
@@ -185,10 +195,15 @@ def worker(cfg: dict) -> dict:
 
 @contextmanager
 def _floor(layer_mod, model):
-    """Run the Train PaRa loop with no adapter: nothing attached, no bases computed, and the UNet's input latent
-    as the only tensor that needs a gradient (so backward computes every activation gradient, no weight one)."""
+    """Run the Train PaRa loop with no adapter: nothing attached, no bases computed, and one scalar s = 1 that
+    multiplies the output of the UNet's first block as the only trainable thing. Backward then computes every
+    activation gradient down to that block (as PaRa on ExCA, whose first layer is that block's conv, must)
+    and no weight gradient. (Making the input latent require a gradient instead adds the input gradient of
+    the 4-channel first conv, which in bf16 on a CPU without bf16 instructions took most of a step.)"""
+    import torch
     cls = layer_mod.ParaNetwork
     attach, step = cls.attach, cls.step
+    scale = torch.ones((), requires_grad=True)
 
     def no_attach(self, modules, *a, **k):
         return lambda: None
@@ -197,10 +212,12 @@ def _floor(layer_mod, model):
     def no_step(self, *a, **k):
         yield {}
 
-    def input_needs_grad(module, args, kwargs):
-        return (args[0].detach().requires_grad_(True),) + tuple(args[1:]), kwargs
+    def times_scale(module, args, output):
+        return output * scale.to(output.device, output.dtype)
 
-    hook = model.model.diffusion_model.register_forward_pre_hook(input_needs_grad, with_kwargs=True)
+    unet = model.model.diffusion_model
+    first = unet.input_blocks[0] if hasattr(unet, "input_blocks") else next(m for m in unet.children())
+    hook = first.register_forward_hook(times_scale)
     cls.attach, cls.step = no_attach, no_step
     try:
         yield
@@ -341,7 +358,7 @@ def main_bench(a) -> int:
             for dtype in dtypes:
                 base = dict(comfyui=a.comfyui, model_file=files[arch], arch=arch, steps=a.steps, res=a.res, images=4,
                             batch=a.batch, rank=a.rank, dtype=dtype, checkpointing=not a.no_checkpointing, threads=a.threads,
-                            lora_dtype=dtype, gamma=0.025)
+                            lora_dtype=dtype, gamma=0.025, profile=a.profile)
                 for k in kinds:
                     label, extra = KINDS[k]
                     r = _run_worker(dict(base, name=label, **extra), "worker")
@@ -376,6 +393,9 @@ def main_bench(a) -> int:
                 best = [min(o["s_per_step"], w["s_per_step"]) for o, w in zip(rs["output"], rs["weight"])]
                 print(f"  auto / faster of output, weight          {_range([x['s_per_step'] / b for x, b in zip(rs['exca'], best)])}"
                       f"   (auto chose: {rs['exca'][-1].get('modes', '?')})")
+    if a.profile:
+        for (arch, dtype, k), v in results.items():
+            print(f"\nprofile, {arch} {dtype} {KINDS[k][0]} (whole run, {a.steps} steps, self time per op):\n{v[-1]['profile']}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump([dict(r, arch=arch, dtype=dtype, key=k) for (arch, dtype, k), v in results.items() for r in v], f, indent=1)
@@ -415,6 +435,8 @@ def main() -> int:
     ap.add_argument("--dtypes", default="bf16,fp32", help="comma-separated training dtypes (core's default: bf16)")
     ap.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, from {','.join(KINDS)}")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="profile each run with torch.profiler and print its N most expensive ops (self time)")
     ap.add_argument("--no-checkpointing", action="store_true")
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads per run (default 1: on a small shared CPU, OpenMP threads that spin-wait for a busy "

@@ -90,27 +90,23 @@ def orthonormal_bases_deferred(bs: list[torch.Tensor], dtype: torch.dtype = torc
     must already be valid (out >= r >= 1), which is checked once when the layers are built.
     """
     out: list[torch.Tensor | None] = [None] * len(bs)
+    per: list[torch.Tensor | None] = [None] * len(bs)
     groups: dict[tuple, list[int]] = {}
     for i, b in enumerate(bs):
         groups.setdefault((tuple(b.shape), b.device), []).append(i)
-    parts, order = [], []
     for (shape, _dev), idx in groups.items():
         if len(idx) == 1:
             q, d = _qr_sign_fixed(bs[idx[0]], dtype)
-            out[idx[0]] = q
-            parts.append(rank_margins(d, shape, dtype).reshape(1))
+            out[idx[0]], per[idx[0]] = q, rank_margins(d, shape, dtype)
         else:
             q, d = _qr_sign_fixed(torch.stack([bs[i].to(dtype) for i in idx]), dtype)
+            m = rank_margins(d, shape, dtype)
             for j, i in enumerate(idx):
-                out[i] = q[j].contiguous()
-            parts.append(rank_margins(d, shape, dtype))
-        order.extend(idx)
-    if not parts:
+                out[i], per[i] = q[j].contiguous(), m[j]
+    if not bs:
         return [], torch.zeros(0)
-    device = parts[0].device
-    margins = torch.empty(len(bs), dtype=parts[0].dtype, device=device)
-    margins[torch.tensor(order, device=device)] = torch.cat([m.to(device) for m in parts])
-    return out, margins
+    # views stacked in input order: no index tensor is copied to the device (that copy would synchronise)
+    return out, torch.stack([m.to(per[0].device) for m in per])
 
 
 def raise_if_degenerate(margins: torch.Tensor, whats: list[str], shapes: list[tuple[int, ...]]) -> None:
