@@ -2,7 +2,7 @@
 
 The **floor** is the same training loop (the Train PaRa node's, unchanged: data, noise, σ, autocast,
 checkpointing, loss, optimizer) on the same model with no adapter at all: the frozen model, with one scalar
-(x 1) on the first block's output as the only thing that needs a gradient. It costs one forward, one
+(x 1) on the first conv's output as the only thing that needs a gradient. It costs one forward, one
 recomputation (checkpointing) and the activation gradients of backward through every layer - what any
 adapter method pays, because an adapter in the first layers needs the gradient to flow back through all of
 them. PaRa / floor is the
@@ -196,8 +196,8 @@ def worker(cfg: dict) -> dict:
 @contextmanager
 def _floor(layer_mod, model):
     """Run the Train PaRa loop with no adapter: nothing attached, no bases computed, and one scalar s = 1 that
-    multiplies the output of the UNet's first block as the only trainable thing. Backward then computes every
-    activation gradient down to that block (as PaRa on ExCA, whose first layer is that block's conv, must)
+    multiplies the output of the UNet's first conv as the only trainable thing. Backward then computes every
+    activation gradient down to that conv (as PaRa on ExCA, whose first layer is that conv, must)
     and no weight gradient. (Making the input latent require a gradient instead adds the input gradient of
     the 4-channel first conv, which in bf16 on a CPU without bf16 instructions took most of a step.)"""
     import torch
@@ -216,7 +216,8 @@ def _floor(layer_mod, model):
         return output * scale.to(output.device, output.dtype)
 
     unet = model.model.diffusion_model
-    first = unet.input_blocks[0] if hasattr(unet, "input_blocks") else next(m for m in unet.children())
+    # the UNet's first conv (conv_in): the UNet calls the layers of its blocks one by one, not the blocks
+    first = unet.input_blocks[0][0] if hasattr(unet, "input_blocks") else next(m for m in unet.children())
     hook = first.register_forward_hook(times_scale)
     cls.attach, cls.step = no_attach, no_step
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,28 @@ REPO = os.path.dirname(HERE)
 
 def is_sdxl(arch: str) -> bool:
     return arch.endswith("sdxl")
+
+
+_children: list[subprocess.Popen] = []
+
+
+def _run(cmd: list[str], env: dict, capture: bool) -> tuple[int, str, str]:
+    """Run a child whose process group goes down with this one (timeout sends SIGTERM to us only)."""
+    p = subprocess.Popen(cmd, env=env, text=True, start_new_session=True,
+                         stdout=subprocess.PIPE if capture else None, stderr=subprocess.PIPE if capture else None)
+    _children.append(p)
+    out, err = p.communicate()
+    _children.remove(p)
+    return p.returncode, out or "", err or ""
+
+
+def _on_term(signum, frame):
+    for p in _children:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except OSError:
+            pass
+    raise SystemExit(f"gpu_check: stopped by signal {signum}")
 
 
 def patch_times(comfyui: str, arch: str, ranks: list[int], reps: int) -> list[dict]:
@@ -112,6 +135,8 @@ def main() -> int:
         cfg = json.loads(a.patch_worker)
         print(json.dumps(patch_times(a.comfyui, cfg["arch"], cfg["ranks"], cfg["reps"])))
         return 0
+    signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGHUP, _on_term)
     smoke = a.cpu_smoke
     archs = {"sd15": 64, "sdxl": 128} if not smoke else {"tiny_sd15": 8, "tiny_sdxl": 8}  # latent size (px / 8)
     steps = a.steps if not smoke else 4  # 2 warm-up steps, then the measured ones
@@ -125,11 +150,11 @@ def main() -> int:
     for arch in archs:
         cmd = [sys.executable, os.path.abspath(__file__), "--comfyui", a.comfyui, "--patch-worker",
                json.dumps(dict(arch=arch, ranks=[4, 32] if not smoke else [4], reps=a.reps if not smoke else 1))]
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if p.returncode:
-            sys.stderr.write(p.stderr[-4000:])
-            raise SystemExit(f"patch timing for {arch} failed (exit {p.returncode})")
-        report["patch"].extend(json.loads(p.stdout.strip().splitlines()[-1]))
+        rc, stdout, stderr = _run(cmd, env, capture=True)
+        if rc:
+            sys.stderr.write(stderr[-4000:])
+            raise SystemExit(f"patch timing for {arch} failed (exit {rc})")
+        report["patch"].extend(json.loads(stdout.strip().splitlines()[-1]))
         print(f"[{time.perf_counter() - t_start:6.0f} s] patch timing {arch} done", flush=True)
     for arch, res in archs.items():
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
@@ -138,9 +163,9 @@ def main() -> int:
         cmd = [sys.executable, os.path.join(HERE, "bench_train.py"), "--comfyui", a.comfyui, "--arch", arch, "--res", str(res),
                "--dtypes", "bf16", "--steps", str(steps), "--repeats", "1", "--kinds", kinds,
                "--threads", str(os.cpu_count() if not smoke else 1), "--json", out]
-        p = subprocess.run(cmd, env=env)
-        if p.returncode:
-            raise SystemExit(f"training benchmark for {arch} failed (exit {p.returncode})")
+        rc, _, _ = _run(cmd, env, capture=False)
+        if rc:
+            raise SystemExit(f"training benchmark for {arch} failed (exit {rc})")
         with open(out) as f:
             report["train"].extend(json.load(f))
         os.unlink(out)

@@ -79,8 +79,9 @@ if [[ -n "$need" ]]; then
 fi
 "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')"
 
-# ---- run (7.5 minutes at most) ----
+# ---- run (7.5 minutes at most on a GPU; the CPU smoke run is slower and gets an hour) ----
 args=(--comfyui "$comfy" --out "$json")
-if [[ $smoke == 1 ]]; then args+=(--cpu-smoke); fi
-timeout 450 "$py" "$here/gpu_check.py" "${args[@]}"
+limit=450
+if [[ $smoke == 1 ]]; then args+=(--cpu-smoke); limit=3600; fi
+timeout --kill-after=10 "$limit" "$py" "$here/gpu_check.py" "${args[@]}"
 echo "wrote $json"

@@ -13,12 +13,14 @@ edit can be applied in two places, with identical results (tests/test_layer.py c
 Per call, by flop count output space is cheaper iff 6rN < 6rK + KN (`cheaper_mode`), i.e. always when
 K >= 6r. Flops do not predict the clock, though: on CPU in bf16 the two rank-r ops of output space run
 far below peak and weight space was measured faster (issue 9: 297 vs 337 ms/step). So ``mode="auto"``
-*measures*: the first time a layer shape (weight, input shape, dtypes incl. autocast, device, rank) is met
-in a training step, the flop rule decides for that step, and when the step ends the shape is timed once in
-both spaces (`ParaNetwork.calibrate`, forward + backward, best of 3); the faster is used from then on and
-cached per process. `ParaNetwork.describe_modes()` says what was chosen; benchmarks/bench_train.py shows it
-against forced output and weight space. Both spaces give the same result up to rounding, so a run with
-auto is reproducible up to rounding, not bit for bit, across machines and processes.
+*measures*: the first time a layer call's key (weight and input shape, dtypes incl. autocast, device, rank)
+is met with gradients enabled, that call is timed in both spaces on a copy of its input (forward + backward,
+best of 3; `ParaNetwork._measure`) and the faster is used for the key from then on, cached per process
+(calls without gradients - previews - use the flop rule until the key is measured).
+`ParaNetwork.describe_modes()` says what was chosen; benchmarks/bench_train.py shows it against forced
+output and weight space. Within a process every run makes the same choices (same results bit for bit, also
+on resume); across processes the timing may choose differently, and both spaces agree only up to rounding:
+force ``output`` or ``weight`` where bit-identical results across processes matter.
 
 Initialisation of B (``init``), all with unit-norm columns so Adam's step size means the same thing:
 
@@ -277,7 +279,6 @@ class ParaNetwork(nn.Module):
         self.mode_counts = {"output": 0, "weight": 0}
         self.layer_modes: dict[str, str] = {}  # the mode each layer used last: what `describe_modes` reports
         self.timings: dict[tuple, tuple[float, float]] = {}  # auto: key -> (output s, weight s) timed here
-        self._pending: dict[tuple, tuple[str, tuple]] = {}  # auto: keys met in this step, not timed yet
         self._probes: dict[str, Callable] = {}
         self._margins: torch.Tensor | None = None  # running minimum of the deferred rank margins
 
@@ -314,8 +315,6 @@ class ParaNetwork(nn.Module):
         check=True validates each B now (one host synchronisation). check=False (the trainer's per-step path)
         never waits for the device: the rank margins are kept on the device as a running minimum and
         validated by `check()` - call it every N steps and before saving (`to_para_model` checks anyway).
-        With projection "auto", layer shapes met for the first time in a step with gradients are timed once
-        in both spaces when the step ends (after the caller's backward; see `calibrate`).
         """
         if check or any(layer.b.dtype == torch.float64 for _, layer in self.items()):
             self._q = self.bases()
@@ -327,8 +326,6 @@ class ParaNetwork(nn.Module):
             yield self._q
         finally:
             self._q = None
-        if self._pending:
-            self.calibrate()
 
     def check(self) -> None:
         """Raise ParaRankError naming the first layer whose B was rank deficient or not finite at any
@@ -356,38 +353,37 @@ class ParaNetwork(nn.Module):
             return self.mode
         key = _probe_key(kind, module, x, rank)
         chosen = _MEASURED.get(key)
-        if chosen is not None:
-            return chosen
-        if torch.is_grad_enabled() and key not in self._pending:
-            self._pending[key] = (name, tuple(x.shape))
-        return cheaper_mode(rank, math.prod(module.weight.shape[1:]), _positions(kind, module, x))
+        if chosen is None:
+            if not torch.is_grad_enabled():  # no backward to time (previews): the flop rule, nothing cached
+                return cheaper_mode(rank, math.prod(module.weight.shape[1:]), _positions(kind, module, x))
+            chosen = self._measure(key, name, x)
+        return chosen
 
-    def calibrate(self, repeats: int = 3) -> dict[tuple, str]:
-        """Time one forward+backward of each pending layer shape in output and in weight space (random input
-        of the recorded shape and dtype, under the recorded autocast, gradients to the input and to Q as in
-        training; interleaved, best of `repeats` after a warm-up) and keep the faster per process
-        (`_MEASURED`). Runs outside any forward, so gradient checkpointing and the caller's gradients are
-        untouched (torch.autograd.grad, nothing accumulates). Returns the new choices."""
-        pending, self._pending = self._pending, {}
-        new = {}
-        for key, (name, x_shape) in pending.items():
-            if key in _MEASURED:
-                continue
-            _kind, _w, _xs, x_dtype, autocast_dtype, device, *_ = key
-            probe = self._probes[name]
-            q = self.layer(name).basis().detach().to(device).requires_grad_(True)
-            gen = torch.Generator().manual_seed(0)
-            x = torch.randn(x_shape, generator=gen, dtype=torch.float32).to(device=device, dtype=x_dtype).requires_grad_(True)
-            times = {"output": [], "weight": []}
+    def _measure(self, key: tuple, name: str, x: torch.Tensor, repeats: int = 3) -> str:
+        """Time one forward+backward of this layer call in output and in weight space, now, on a copy of its
+        input and Q (gradients to both, as in training; interleaved, best of `repeats` after a warm-up), and
+        keep the faster for this key in this process (`_MEASURED`).
+
+        Runs inside the model's forward the first time a key is met, so every step of every run in a process
+        uses the same choice (runs and resumed runs stay bit-identical within a process). It is a separate
+        small graph: its saved tensors bypass gradient checkpointing's hooks, torch.autograd.grad leaves every
+        .grad untouched, and nothing draws from a random generator.
+        """
+        _kind, _w, _xs, _x_dtype, autocast_dtype, device, *_ = key
+        probe = self._probes[name]
+        q = self._basis(name).detach().clone().requires_grad_(True)
+        xc = x.detach().clone().requires_grad_(True)
+        times = {"output": [], "weight": []}
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), torch.enable_grad():
             for i in range(repeats + 1):
                 for mode in ("output", "weight"):
-                    t = _timed(lambda m=mode: probe(m, x, q, autocast_dtype), x.device)
+                    t = _timed(lambda m=mode: probe(m, xc, q, autocast_dtype), device)
                     if i:
                         times[mode].append(t)
-            best = {m: min(v) for m, v in times.items()}
-            self.timings[key] = (best["output"], best["weight"])
-            _MEASURED[key] = new[key] = "output" if best["output"] <= best["weight"] else "weight"
-        return new
+        best = {m: min(v) for m, v in times.items()}
+        self.timings[key] = (best["output"], best["weight"])
+        _MEASURED[key] = chosen = "output" if best["output"] <= best["weight"] else "weight"
+        return chosen
 
     def describe_modes(self) -> str:
         """Which space each layer used (last call), e.g. for the Train PaRa node's text output."""

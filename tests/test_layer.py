@@ -1,6 +1,7 @@
 """The trainable PaRa layer: gradients, fp32 QR under autocast, output space == weight space, init."""
 import pytest
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 import para_core.layer as layer_mod
@@ -305,32 +306,47 @@ def test_step_without_check_defers_the_rank_check_to_check(gen):
     undo()
 
 
-def test_auto_projection_times_each_shape_once_and_uses_the_faster(gen, monkeypatch):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_auto_projection_times_each_key_once_and_uses_the_faster(gen, monkeypatch, checkpointing):
     monkeypatch.setattr(layer_mod, "_MEASURED", {})
     lin = _linear(gen, out=48, inp=40, dtype=torch.float32).requires_grad_(False)
     conv = _conv(gen, out=16, inp=5, dtype=torch.float32).requires_grad_(False)
     b = {"l": torch.randn(48, 2, generator=gen), "c": torch.randn(16, 2, generator=gen)}
     x_l, x_c = torch.randn(3, 7, 40, generator=gen), torch.randn(2, 5, 9, 9, generator=gen)
-    grads, outs = {}, {}
-    for mode in ("output", "auto"):
-        net = ParaNetwork({n: ParaLayer(v) for n, v in b.items()}, mode=mode)
+
+    def model(xl, xc):
+        return lin(xl).square().sum() + conv(xc).square().sum()
+
+    grads, outs, rng = {}, {}, {}
+    for mode in ("output", "auto", "auto again"):
+        net = ParaNetwork({n: ParaLayer(v) for n, v in b.items()}, mode=mode.split()[0])
         undo = net.attach({"l": lin, "c": conv})
+        torch.manual_seed(0)
         for _ in range(2):
             net.zero_grad(set_to_none=True)
             with net.step(check=False):
-                y = lin(x_l).square().sum() + conv(x_c).square().sum()
+                if checkpointing:
+                    y = torch.utils.checkpoint.checkpoint(model, x_l.requires_grad_(), x_c, use_reentrant=False)
+                else:
+                    y = model(x_l, x_c)
                 y.backward()
+        rng[mode] = torch.rand(1)  # the timing drew nothing from the global generator
         outs[mode] = float(y)
         grads[mode] = {n: net.layer(n).b.grad.clone() for n in b}
         undo()
         if mode == "auto":
-            assert len(net.timings) == 2 and len(layer_mod._MEASURED) == 2  # timed after step 1, not again
+            assert len(net.timings) == 2 and len(layer_mod._MEASURED) == 2  # each key timed once
             for key, (t_out, t_w) in net.timings.items():
                 assert layer_mod._MEASURED[key] == ("output" if t_out <= t_w else "weight")
                 assert net.layer_modes["l" if key[0] == "linear" else "c"] == layer_mod._MEASURED[key]
             assert net.describe_modes().startswith("projection auto: output space on ")
             assert "timed 2 layer shapes" in net.describe_modes()
-    # the timing added nothing to the gradients, and both spaces give the same values
+        if mode == "auto again":
+            assert net.timings == {} and len(layer_mod._MEASURED) == 2  # cached per process
+    assert torch.equal(rng["output"], rng["auto"])
+    # the timing added nothing to the gradients; both spaces give the same values; a second run is bit-identical
     assert outs["auto"] == pytest.approx(outs["output"], rel=1e-5)
+    assert outs["auto again"] == outs["auto"]
     for n in b:
         torch.testing.assert_close(grads["auto"][n], grads["output"][n], rtol=1e-4, atol=1e-5)
+        assert torch.equal(grads["auto again"][n], grads["auto"][n])
