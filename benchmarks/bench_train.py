@@ -162,6 +162,8 @@ def worker(cfg: dict) -> dict:
     out["before_first_step_s"] = stamps[0] - t0 if stamps else float("nan")  # set-up incl. the small_sv init
     diffs = [b - a for a, b in zip(stamps, stamps[1:])][2:]
     out["s_per_step"] = statistics.median(diffs) if diffs else float("nan")
+    out["s_per_step_min"] = min(diffs) if diffs else float("nan")  # least disturbed by other processes
+    out["step_s"] = diffs
     out["peak_bytes"] = peak
     out["loss"] = res[2]["loss"]
     tmp = tempfile.mkdtemp()
