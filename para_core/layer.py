@@ -82,6 +82,8 @@ def init_basis(weight: torch.Tensor, rank: int, init: str = DEFAULT_INIT,
     if init not in INITS:
         raise ValueError(f"unknown init '{init}', expected one of {INITS}")
     w = weight.detach().to(torch.float32).reshape(out, -1)
+    if not bool(torch.isfinite(w).all()):
+        raise ParaShapeError(f"{init} init: the weight of shape {tuple(weight.shape)} contains NaN or Inf")
     k = w.shape[1]
     if init == "small_sv" and (k >= out or rank <= out - k):
         return smallest_left_singular(w, rank, generator)
@@ -287,7 +289,12 @@ class ParaNetwork(nn.Module):
                      seed: int = 0, mode: str = "auto") -> "ParaNetwork":
         """New layers with B initialised from each weight (`init_basis`), deterministic in `seed`."""
         g = torch.Generator().manual_seed(int(seed) % (2 ** 63))
-        layers = {n: ParaLayer(init_basis(weights[n], ranks[n], init, g)) for n in sorted(weights)}
+        layers = {}
+        for n in sorted(weights):
+            try:
+                layers[n] = ParaLayer(init_basis(weights[n], ranks[n], init, g))
+            except ParaShapeError as e:
+                raise ParaShapeError(f"{n}: {e}") from None
         return cls(layers, mode)
 
     def layer(self, name: str) -> ParaLayer:

@@ -350,3 +350,10 @@ def test_auto_projection_times_each_key_once_and_uses_the_faster(gen, monkeypatc
     for n in b:
         torch.testing.assert_close(grads["auto"][n], grads["output"][n], rtol=1e-4, atol=1e-5)
         assert torch.equal(grads["auto again"][n], grads["auto"][n])
+
+
+def test_small_sv_init_names_the_layer_of_a_non_finite_weight():
+    w = torch.randn(8, 20)
+    w[3, 4] = float("inf")
+    with pytest.raises(Exception, match=r"^diffusion_model.x: small_sv init: the weight of shape \(8, 20\) contains NaN or Inf$"):
+        ParaNetwork.from_weights({"diffusion_model.x": w}, {"diffusion_model.x": 2})
