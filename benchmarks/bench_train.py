@@ -1,21 +1,33 @@
-"""Train PaRa against ComfyUI's own Train LoRA on the same tiny SD1.5 UNet, same data, same conditions.
+"""Train PaRa against ComfyUI's own Train LoRA and against the floor, on the same UNet, data and conditions.
+
+The **floor** is the same training loop (the Train PaRa node's, unchanged: data, noise, σ, autocast,
+checkpointing, loss, optimizer) on the same model with no adapter at all: the frozen model, with one scalar
+(x 1) on the first conv's output as the only thing that needs a gradient. It costs one forward, one
+recomputation (checkpointing) and the activation gradients of backward through every layer - what any
+adapter method pays, because an adapter in the first layers needs the gradient to flow back through all of
+them. PaRa / floor is the
+adapter's own overhead; PaRa / core Train LoRA the comparison users see.
 
 Every configuration runs in its own fresh process (so peak memory is that run's alone) and calls the node's
-``execute`` in-process, under ``torch.inference_mode()`` as ComfyUI's executor does. Same model file,
-latents, caption, rank, batch, dtype, checkpointing, optimizer and seed. Reported per configuration:
-seconds per step (median after 2 warm-up steps), peak memory above the loaded model (CUDA: max allocated;
-CPU: the process's peak RSS, VmHWM, reset through /proc/self/clear_refs just before training) and the
-size of the saved file (the core LoRA at its default lora_dtype bf16, PaRa at its fp16: 2 bytes each).
+``execute`` in-process, under ``torch.inference_mode()`` as ComfyUI's executor does. Configurations are
+interleaved and repeated (``--repeats``); ratios are taken within a repeat and reported as min-max.
+Reported: seconds per step (median after 2 warm-up steps), peak memory above the loaded model (CUDA: max
+allocated; CPU: the process's peak RSS, VmHWM, reset through /proc/self/clear_refs just before training),
+the saved file size (core LoRA at its default lora_dtype bf16, PaRa at fp16) and, for projection=auto,
+which space it chose per layer (timed at step 1, para_core.layer).
 
 Fairness: the core trainer has no layer selection - it trains LoRA on *every* layer (plus bias/norm
 diffs). PaRa is therefore run both on its default ExCA preset and on ``all`` (every layer Train LoRA
 trains), and file sizes are also compared against the core LoRA's tensors restricted to the ExCA layers.
 
-    /root/ComfyUI/.venv/bin/python benchmarks/bench_train.py [--comfyui PATH] [--steps 16] [--res 16]
-    /root/ComfyUI/.venv/bin/python benchmarks/bench_train.py --init-study [--steps 60]
+    COMFYUI_PATH=... python benchmarks/bench_train.py [--arch tiny_sd15,tiny_sdxl] [--dtypes bf16,fp32]
+        [--steps 8] [--res 16] [--repeats 3]
+    COMFYUI_PATH=... python benchmarks/bench_train.py --arch sd15 --res 64 --dtypes bf16 --steps 3 --repeats 1 \
+        --kinds floor,core,exca     # one full-size SD1.5 UNet at 512 px
+    python benchmarks/bench_train.py --init-study [--steps 60]
 
 ``--init-study`` compares B initialisations (small_sv / random / top_sv): the model's output change at
-step 0 and a fixed-noise evaluation loss after N steps, over 3 seeds.
+step 0 and a fixed-noise evaluation loss after N steps, over 3 seeds (tiny SD1.5).
 """
 from __future__ import annotations
 
@@ -28,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK = "comfyui_para_bench"
@@ -56,34 +69,14 @@ def _import_pack():
     return mod
 
 
-def _tiny_unet_sd(seed: int = 0):
-    """The tiny SD1.5 UNet of the integration harness (model_channels 320, one level, context 768), random init."""
-    import torch
-    import comfy.ops
-    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-    g = torch.Generator().manual_seed(seed)
-    m = UNetModel(image_size=32, in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[1], channel_mult=[1],
-                  transformer_depth=[1], transformer_depth_output=[1, 1], transformer_depth_middle=-2, context_dim=768,
-                  num_heads=8, num_head_channels=-1, use_linear_in_transformer=False, use_spatial_transformer=True,
-                  legacy=False, adm_in_channels=None, use_temporal_resblock=False, use_temporal_attention=False,
-                  operations=comfy.ops.disable_weight_init, device="cpu", dtype=torch.float32)
-    with torch.no_grad():
-        for _name, p in m.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-            elif _name.endswith("weight"):
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+def _unets():
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import unets
+    return unets
 
 
 def _data(cfg):
-    import torch
-    g = torch.Generator().manual_seed(1234)
-    latents = [{"samples": torch.randn(cfg["images"], 4, cfg["res"], cfg["res"], generator=g)}]
-    ctx = torch.randn(1, 77, 768, generator=g)
-    return latents, [[[ctx, {}]]]
+    return _unets().data(cfg.get("arch", "tiny_sd15"), cfg["images"], cfg["res"])
 
 
 def _rss_kib(field: str) -> int:
@@ -114,13 +107,23 @@ def worker(cfg: dict) -> dict:
     torch.set_num_threads(cfg["threads"])
     with torch.inference_mode():  # as the executor: parameters are inference tensors
         sd = comfy.utils.load_torch_file(cfg["model_file"])
-        model = comfy.sd.load_diffusion_model_state_dict(sd)
+        model = _unets().load(cfg.get("arch", "tiny_sd15"), sd)
         del sd
         latents, positive = _data(cfg)
         mm.load_models_gpu([model], force_full_load=True)
     cuda = torch.cuda.is_available()
     stamps: list[float] = []
-    comfy.utils.set_progress_bar_global_hook(lambda v, t, p, node_id=None: stamps.append(time.perf_counter()))
+    prof = None
+    if cfg.get("profile"):  # steady state only: skip set-up and the 2 warm-up steps (incl. auto's timing)
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
+                                      ([torch.profiler.ProfilerActivity.CUDA] if cuda else []),
+                                      schedule=torch.profiler.schedule(wait=1, warmup=1, active=max(1, cfg["steps"] - 2)))
+
+    def on_step(v, t, p, node_id=None):
+        stamps.append(time.perf_counter())
+        if prof is not None:
+            prof.step()
+    comfy.utils.set_progress_bar_global_hook(on_step)
     common = dict(model=[model], latents=latents, positive=positive, batch_size=[cfg["batch"]], grad_accumulation_steps=[1],
                   steps=[cfg["steps"]], learning_rate=[5e-4], rank=[cfg["rank"]], optimizer=["AdamW"], loss_function=["MSE"],
                   seed=[0], training_dtype=[cfg["dtype"]], gradient_checkpointing=[cfg["checkpointing"]])
@@ -132,6 +135,8 @@ def worker(cfg: dict) -> dict:
         base_mem = _reset_peak()
     t0 = time.perf_counter()
     out: dict = {"name": cfg["name"]}
+    if prof is not None:
+        prof.__enter__()
     with torch.inference_mode():
         if cfg["kind"] == "core":
             from comfy_extras.nodes_train import TrainLoraNode
@@ -142,18 +147,30 @@ def worker(cfg: dict) -> dict:
             pack = _import_pack()
             from importlib import import_module
             nt = import_module(f"{PACK}.nodes.nodes_train")
-            res = nt.PaRaTrainer.execute(**common, targets=[cfg["targets"]], rank_boundary=[cfg["gamma"]], loss_space=["x0"],
-                                         projection=[cfg["projection"]], init=[cfg.get("init", "small_sv")])
+            layer_mod = import_module(f"{PACK}.para_core.layer")
+            seen: list = []
+            with _floor(layer_mod, model) if cfg["kind"] == "floor" else _spy(layer_mod, seen):
+                res = nt.PaRaTrainer.execute(**common, targets=[cfg["targets"]], rank_boundary=[cfg["gamma"]], loss_space=["x0"],
+                                             projection=[cfg["projection"]], init=[cfg.get("init", "small_sv")])
             para = res[1]
+            if seen:
+                out["modes"] = seen[-1].describe_modes()
             assert pack is not None
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        out["profile"] = prof.key_averages().table(sort_by=key, row_limit=cfg["profile"])
     if cuda:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base_mem
     else:
         peak = (_rss_kib("VmHWM") - base_mem) * 1024
     out["total_s"] = time.perf_counter() - t0
+    out["before_first_step_s"] = stamps[0] - t0 if stamps else float("nan")  # set-up incl. the small_sv init
     diffs = [b - a for a, b in zip(stamps, stamps[1:])][2:]
     out["s_per_step"] = statistics.median(diffs) if diffs else float("nan")
+    out["s_per_step_min"] = min(diffs) if diffs else float("nan")  # least disturbed by other processes
+    out["step_s"] = diffs
     out["peak_bytes"] = peak
     out["loss"] = res[2]["loss"]
     tmp = tempfile.mkdtemp()
@@ -174,6 +191,8 @@ def worker(cfg: dict) -> dict:
         safetensors.torch.save_file(sub, path2)
         out["file_bytes_exca_layers"] = os.path.getsize(path2)
         out["layers"] = len(names)
+    elif cfg["kind"] == "floor":
+        out["file_bytes"], out["layers"] = 0, 0
     else:
         path = os.path.join(tmp, "para.safetensors")
         para.save(path)
@@ -181,6 +200,56 @@ def worker(cfg: dict) -> dict:
         out["layers"] = len(para.stages)
     out["device"] = "cuda" if cuda else "cpu"
     return out
+
+
+@contextmanager
+def _floor(layer_mod, model):
+    """Run the Train PaRa loop with no adapter: nothing attached, no bases computed, and one scalar s = 1 that
+    multiplies the output of the UNet's first conv as the only trainable thing. Backward then computes every
+    activation gradient down to that conv (as PaRa on ExCA, whose first layer is that conv, must)
+    and no weight gradient. (Making the input latent require a gradient instead adds the input gradient of
+    the 4-channel first conv, which in bf16 on a CPU without bf16 instructions took most of a step.)"""
+    import torch
+    cls = layer_mod.ParaNetwork
+    attach, step = cls.attach, cls.step
+    scale = torch.ones((), requires_grad=True)
+
+    def no_attach(self, modules, *a, **k):
+        return lambda: None
+
+    @contextmanager
+    def no_step(self, *a, **k):
+        yield {}
+
+    def times_scale(module, args, output):
+        return output * scale.to(output.device, output.dtype)
+
+    unet = model.model.diffusion_model
+    # the UNet's first conv (conv_in): the UNet calls the layers of its blocks one by one, not the blocks
+    first = unet.input_blocks[0][0] if hasattr(unet, "input_blocks") else next(m for m in unet.children())
+    hook = first.register_forward_hook(times_scale)
+    cls.attach, cls.step = no_attach, no_step
+    try:
+        yield
+    finally:
+        cls.attach, cls.step = attach, step
+        hook.remove()
+
+
+@contextmanager
+def _spy(layer_mod, seen: list):
+    """Keep the trainer's ParaNetwork (to report what projection=auto chose)."""
+    cls = layer_mod.ParaNetwork
+    attach = cls.attach
+
+    def spy(self, *a, **k):
+        seen.append(self)
+        return attach(self, *a, **k)
+    cls.attach = spy
+    try:
+        yield
+    finally:
+        cls.attach = attach
 
 
 def init_study_worker(cfg: dict) -> dict:
@@ -261,11 +330,12 @@ def _run_worker(cfg: dict, mode: str) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def _model_file(comfyui: str, folder: str) -> str:
-    """Build the tiny UNet once (in a worker process) and save it; every configuration loads this file."""
-    path = os.path.join(folder, "tiny_sd15_unet.safetensors")
-    subprocess.run([sys.executable, os.path.abspath(__file__), "--make-model", json.dumps({"comfyui": comfyui, "path": path})],
-                   check=True)
+def _model_file(comfyui: str, folder: str, arch: str = "tiny_sd15") -> str:
+    """Build the UNet once (in a worker process) and save it; every configuration loads this file (full-size
+    UNets in fp16, as their checkpoints are distributed; tiny ones in fp32)."""
+    path = os.path.join(folder, f"{arch}_unet.safetensors")
+    subprocess.run([sys.executable, os.path.abspath(__file__), "--make-model",
+                    json.dumps({"comfyui": comfyui, "path": path, "arch": arch, "fp16": arch in ("sd15", "sdxl")})], check=True)
     return path
 
 
@@ -273,40 +343,72 @@ def _fmt_mib(b: float) -> str:
     return f"{b / 2 ** 20:8.1f} MiB"
 
 
+KINDS = {  # short name: (label, worker settings)
+    "floor": ("floor (no adapter)", dict(kind="floor", targets="ExCA", projection="auto")),
+    "core": ("core Train LoRA (all layers)", dict(kind="core")),
+    "exca": ("PaRa ExCA (auto)", dict(kind="para", targets="ExCA", projection="auto")),
+    "all": ("PaRa all (auto)", dict(kind="para", targets="all", projection="auto")),
+    "output": ("PaRa ExCA (output space)", dict(kind="para", targets="ExCA", projection="output")),
+    "weight": ("PaRa ExCA (weight space)", dict(kind="para", targets="ExCA", projection="weight")),
+}
+
+
+def _range(values: list[float], fmt: str = "{:.2f}") -> str:
+    lo, hi = min(values), max(values)
+    return fmt.format(lo) if fmt.format(lo) == fmt.format(hi) else f"{fmt.format(lo)}-{fmt.format(hi)}"
+
+
 def main_bench(a) -> int:
     tmp = tempfile.mkdtemp(prefix="bench_train_")
-    model_file = _model_file(a.comfyui, tmp)
-    base = dict(comfyui=a.comfyui, model_file=model_file, steps=a.steps, res=a.res, images=4, batch=a.batch, rank=a.rank,
-                dtype=a.dtype, checkpointing=not a.no_checkpointing, threads=a.threads, lora_dtype=a.dtype, gamma=0.025)
-    runs = [dict(base, name="core Train LoRA (all layers)", kind="core"),
-            dict(base, name="PaRa ExCA (auto)", kind="para", targets="ExCA", projection="auto"),
-            dict(base, name="PaRa all (auto)", kind="para", targets="all", projection="auto"),
-            dict(base, name="PaRa ExCA (output space)", kind="para", targets="ExCA", projection="output"),
-            dict(base, name="PaRa ExCA (weight space)", kind="para", targets="ExCA", projection="weight")]
-    results = []
-    for cfg in runs:
-        r = _run_worker(cfg, "worker")
-        results.append(r)
-        print(f"{r['name']:32s} {r['s_per_step'] * 1000:8.1f} ms/step  peak {_fmt_mib(r['peak_bytes'])}  "
-              f"file {r['file_bytes'] / 1024:8.1f} KiB  layers {r['layers']:3d}  [{r['device']}]", flush=True)
-    core, exca, all_ = results[0], results[1], results[2]
-    print(f"\nsetup: tiny SD1.5 UNet (18.7M), {base['images']} latents {a.res}x{a.res}, batch {a.batch}, rank {a.rank}, "
-          f"{a.dtype}, gradient checkpointing {'on' if base['checkpointing'] else 'off'}, {a.steps} steps, AdamW, "
-          f"{base['threads']} threads, device {core['device']}")
-    print("ratios PaRa / core Train LoRA            target   ExCA     all")
-    print(f"  seconds per step                       <=0.50   {exca['s_per_step'] / core['s_per_step']:.2f}     "
-          f"{all_['s_per_step'] / core['s_per_step']:.2f}")
-    print(f"  peak training memory                   <=1.00   {exca['peak_bytes'] / core['peak_bytes']:.2f}     "
-          f"{all_['peak_bytes'] / core['peak_bytes']:.2f}")
-    print(f"  file size vs core LoRA file            <=0.55   {exca['file_bytes'] / core['file_bytes']:.2f}     "
-          f"{all_['file_bytes'] / core['file_bytes']:.2f}")
-    print(f"  file size vs core LoRA, same layers    <=0.55   {exca['file_bytes'] / core['file_bytes_exca_layers']:.2f}     -")
-    out_s, w_s = results[3]["s_per_step"], results[4]["s_per_step"]
-    print(f"output space vs weight space (ExCA): {out_s * 1000:.1f} vs {w_s * 1000:.1f} ms/step, "
-          f"peak {_fmt_mib(results[3]['peak_bytes']).strip()} vs {_fmt_mib(results[4]['peak_bytes']).strip()}")
+    archs, dtypes, kinds = a.arch.split(","), a.dtypes.split(","), a.kinds.split(",")
+    files = {arch: _model_file(a.comfyui, tmp, arch) for arch in archs}
+    results: dict[tuple, list[dict]] = {}
+    for rep in range(a.repeats):  # interleaved: every configuration once per repeat
+        for arch in archs:
+            for dtype in dtypes:
+                base = dict(comfyui=a.comfyui, model_file=files[arch], arch=arch, steps=a.steps, res=a.res, images=4,
+                            batch=a.batch, rank=a.rank, dtype=dtype, checkpointing=not a.no_checkpointing, threads=a.threads,
+                            lora_dtype=dtype, gamma=0.025, profile=a.profile)
+                for k in kinds:
+                    label, extra = KINDS[k]
+                    r = _run_worker(dict(base, name=label, **extra), "worker")
+                    results.setdefault((arch, dtype, k), []).append(r)
+                    print(f"[{rep + 1}/{a.repeats}] {arch:9s} {dtype} {label:30s} {r['s_per_step'] * 1000:9.1f} ms/step  "
+                          f"peak {_fmt_mib(r['peak_bytes'])}" + (f"  {r['modes']}" if r.get("modes") else ""), flush=True)
+    device = next(iter(results.values()))[0]["device"]
+    print(f"\nconditions: {a.res * 8}x{a.res * 8} px ({a.res}x{a.res} latents, 4 images), batch {a.batch}, rank {a.rank}, "
+          f"gradient checkpointing {'off' if a.no_checkpointing else 'on'}, AdamW, {a.steps} steps (median after 2 warm-up), "
+          f"{a.threads} thread(s), device {device}, {a.repeats} interleaved repeats (ranges are min-max)")
+    for arch in archs:
+        for dtype in dtypes:
+            rs = {k: results[(arch, dtype, k)] for k in kinds}
+            print(f"\n{arch}, {dtype}:")
+            for k in kinds:
+                print(f"  {KINDS[k][0]:30s} {_range([r['s_per_step'] * 1000 for r in rs[k]], '{:.1f}'):>13s} ms/step  "
+                      f"peak {_range([r['peak_bytes'] / 2 ** 20 for r in rs[k]], '{:.0f}'):>9s} MiB")
+
+            def ratio(num: str, den: str, field: str = "s_per_step") -> str:
+                if num not in rs or den not in rs:
+                    return "-"
+                return _range([x[field] / y[field] for x, y in zip(rs[num], rs[den]) if y[field]])
+            print("  ratios                         target    ExCA         all")
+            print(f"  PaRa / floor, s/step           <=1.15    {ratio('exca', 'floor'):12s} {ratio('all', 'floor')}")
+            print(f"  PaRa / core LoRA, s/step       <=0.50    {ratio('exca', 'core'):12s} {ratio('all', 'core')}")
+            print(f"  PaRa / core LoRA, peak memory  <=1.00    {ratio('exca', 'core', 'peak_bytes'):12s} "
+                  f"{ratio('all', 'core', 'peak_bytes')}")
+            if "core" in rs and "exca" in rs:
+                fb = [x["file_bytes"] / y["file_bytes"] for x, y in zip(rs["exca"], rs["core"])]
+                print(f"  PaRa / core LoRA, file size              {_range(fb):12s} {ratio('all', 'core', 'file_bytes')}")
+            if all(k in rs for k in ("exca", "output", "weight")):
+                best = [min(o["s_per_step"], w["s_per_step"]) for o, w in zip(rs["output"], rs["weight"])]
+                print(f"  auto / faster of output, weight          {_range([x['s_per_step'] / b for x, b in zip(rs['exca'], best)])}"
+                      f"   (auto chose: {rs['exca'][-1].get('modes', '?')})")
+    if a.profile:
+        for (arch, dtype, k), v in results.items():
+            print(f"\nprofile, {arch} {dtype} {KINDS[k][0]} (steps 3-{a.steps}, self time per op):\n{v[-1]['profile']}")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump([dict(r, arch=arch, dtype=dtype, key=k) for (arch, dtype, k), v in results.items() for r in v], f, indent=1)
     return 0
 
 
@@ -337,9 +439,14 @@ def main() -> int:
     ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", os.path.expanduser("~/ComfyUI")))
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--res", type=int, default=16, help="latent size (16 = 128 px images)")
-    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=1, help="images per step (core Train LoRA's default: 1)")
     ap.add_argument("--rank", type=int, default=4)
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--arch", default="tiny_sd15,tiny_sdxl", help="comma-separated: tiny_sd15, tiny_sdxl, sd15, sdxl")
+    ap.add_argument("--dtypes", default="bf16,fp32", help="comma-separated training dtypes (core's default: bf16)")
+    ap.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, from {','.join(KINDS)}")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="profile each run with torch.profiler and print its N most expensive ops (self time)")
     ap.add_argument("--no-checkpointing", action="store_true")
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads per run (default 1: on a small shared CPU, OpenMP threads that spin-wait for a busy "
@@ -360,7 +467,11 @@ def main() -> int:
         cfg = json.loads(a.make_model)
         _setup_comfy(cfg["comfyui"])
         import safetensors.torch
-        safetensors.torch.save_file(_tiny_unet_sd(), cfg["path"])
+        import torch
+        dev = "cuda" if torch.cuda.is_available() else "cpu"  # full-size random weights are drawn fast on a GPU
+        sd = _unets().make_state_dict(cfg.get("arch", "tiny_sd15"), device=dev)
+        dtype = torch.float16 if cfg.get("fp16") else torch.float32
+        safetensors.torch.save_file({k: v.to("cpu", dtype).contiguous() for k, v in sd.items()}, cfg["path"])
         return 0
     if a.init_worker:
         print(json.dumps(init_study_worker(json.loads(a.init_worker))))
@@ -368,7 +479,7 @@ def main() -> int:
     if a.init_study:
         a.steps = a.steps or 60
         return main_init_study(a)
-    a.steps = a.steps or 16
+    a.steps = a.steps or 8
     return main_bench(a)
 
 

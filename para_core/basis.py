@@ -37,11 +37,21 @@ def _qr_sign_fixed(b: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, t
         return q * sign.unsqueeze(-2), d
 
 
+def rank_margins(d: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
+    """min|diag R| / (tolerance · max|diag R|) per matrix (d: (..., r)), as a device tensor: > 1 means full
+    rank and finite; 0 for a B with NaN/Inf or all zeros. Computed without a host synchronisation."""
+    a = d.detach().abs()
+    scale = a.amax(dim=-1)
+    margin = a.amin(dim=-1) / (rank_tolerance(shape, dtype) * scale)
+    ok = torch.isfinite(a).all(dim=-1) & (scale > 0)
+    return torch.where(ok, torch.nan_to_num(margin, nan=0.0, posinf=0.0), torch.zeros_like(margin))
+
+
 def _check_rank(d: torch.Tensor, shape, dtype: torch.dtype, what: str) -> None:
-    scale = d.abs().max()
-    if not torch.isfinite(scale) or scale == 0 or (d.abs() <= rank_tolerance(shape, dtype) * scale).any():
-        raise ParaRankError(f"{what}: B of shape {tuple(shape)} is rank deficient (|diag R| min/max = "
-                            f"{float(d.abs().min()):.3e}/{float(scale):.3e})")
+    if not bool(rank_margins(d, shape, dtype) > 1):
+        a = d.detach().abs()
+        raise ParaRankError(f"{what}: B of shape {tuple(shape)} is rank deficient or not finite (|diag R| min/max = "
+                            f"{float(a.min()):.3e}/{float(a.max()):.3e})")
 
 
 def orthonormal_basis(b: torch.Tensor, dtype: torch.dtype = torch.float32, what: str = "basis") -> torch.Tensor:
@@ -59,22 +69,54 @@ def orthonormal_basis(b: torch.Tensor, dtype: torch.dtype = torch.float32, what:
 def orthonormal_bases(bs: list[torch.Tensor], whats: list[str], dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     """orthonormal_basis for many matrices, one batched QR per shape (a file has hundreds of small
     tall-skinny matrices; one LAPACK call each is slow when the CPU's threads are contended).
-    The result is bit-identical to calling orthonormal_basis on each."""
+    The result is bit-identical to calling orthonormal_basis on each. Strict: checks every matrix now
+    (one host synchronisation per matrix); the trainer uses `orthonormal_bases_deferred`."""
     for b, what in zip(bs, whats):
         _check_matrix(b, what)
+    qs, margins = orthonormal_bases_deferred(bs, dtype)
+    bad = [i for i, m in enumerate(margins.tolist()) if not m > 1]
+    if bad:
+        i = bad[0]
+        _check_rank(_qr_sign_fixed(bs[i], dtype)[1], bs[i].shape, dtype, whats[i])
+    return qs
+
+
+def orthonormal_bases_deferred(bs: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(Q per matrix, rank margins (len(bs),) on the device) with no host synchronisation.
+
+    Same Q as `orthonormal_bases` (bit-identical), but nothing is checked: a rank-deficient or non-finite B gives
+    a margin <= 1 (`rank_margins`), which the caller validates later with `raise_if_degenerate` - every N
+    steps and before anything is saved - so a GPU never waits for the host inside a training step. Shapes
+    must already be valid (out >= r >= 1), which is checked once when the layers are built.
+    """
     out: list[torch.Tensor | None] = [None] * len(bs)
+    per: list[torch.Tensor | None] = [None] * len(bs)
     groups: dict[tuple, list[int]] = {}
     for i, b in enumerate(bs):
         groups.setdefault((tuple(b.shape), b.device), []).append(i)
     for (shape, _dev), idx in groups.items():
         if len(idx) == 1:
-            out[idx[0]] = orthonormal_basis(bs[idx[0]], dtype, whats[idx[0]])
-            continue
-        q, d = _qr_sign_fixed(torch.stack([bs[i].to(dtype) for i in idx]), dtype)
-        for j, i in enumerate(idx):
-            _check_rank(d[j], shape, dtype, whats[i])
-            out[i] = q[j].contiguous()
-    return out
+            q, d = _qr_sign_fixed(bs[idx[0]], dtype)
+            out[idx[0]], per[idx[0]] = q, rank_margins(d, shape, dtype)
+        else:
+            q, d = _qr_sign_fixed(torch.stack([bs[i].to(dtype) for i in idx]), dtype)
+            m = rank_margins(d, shape, dtype)
+            for j, i in enumerate(idx):
+                out[i], per[i] = q[j].contiguous(), m[j]
+    if not bs:
+        return [], torch.zeros(0)
+    # views stacked in input order: no index tensor is copied to the device (that copy would synchronise)
+    return out, torch.stack([m.to(per[0].device) for m in per])
+
+
+def raise_if_degenerate(margins: torch.Tensor, whats: list[str], shapes: list[tuple[int, ...]]) -> None:
+    """Raise ParaRankError naming the first matrix whose margin (from `orthonormal_bases_deferred`, possibly the
+    running minimum over several steps) says it was rank deficient or not finite. One host synchronisation."""
+    bad = (~(margins > 1)).nonzero().flatten().tolist()
+    if bad:
+        i = bad[0]
+        raise ParaRankError(f"{whats[i]}: B of shape {tuple(shapes[i])} became rank deficient or not finite during "
+                            f"training (rank margin {float(margins[i]):.3e} <= 1; {len(bad)} matrices affected)")
 
 
 def orthonormality_error(q: torch.Tensor) -> float:

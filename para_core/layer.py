@@ -10,10 +10,17 @@ edit can be applied in two places, with identical results (tests/test_layer.py c
   keeps W' alive for backward, and - the dominant term - makes autograd compute the full weight
   gradient dL/dW' = g·xᵀ (2·out·K·N flops for N output positions), as full fine-tuning does.
 
-Per call, output space is cheaper iff 6rN < 6rK + KN, i.e. always when K >= 6r. With the rank boundary
-(r <= out/40) that holds for every layer of SD1.5/SDXL/SD3/Flux except very wide-output layers at high
-rank, so ``mode="auto"`` picks output space almost everywhere and falls back to weight space only where
-the formula says so (`cheaper_mode`). benchmarks/bench_train.py measures both.
+Per call, by flop count output space is cheaper iff 6rN < 6rK + KN (`cheaper_mode`), i.e. always when
+K >= 6r. Flops do not predict the clock, though: on CPU in bf16 the two rank-r ops of output space run
+far below peak and weight space was measured faster (issue 9: 297 vs 337 ms/step). So ``mode="auto"``
+*measures*: the first time a layer call's key (weight and input shape, dtypes incl. autocast, device, rank)
+is met with gradients enabled, that call is timed in both spaces on a copy of its input (forward + backward,
+best of 3; `ParaNetwork._measure`) and the faster is used for the key from then on, cached per process
+(calls without gradients - previews - use the flop rule until the key is measured).
+`ParaNetwork.describe_modes()` says what was chosen; benchmarks/bench_train.py shows it against forced
+output and weight space. Within a process every run makes the same choices (same results bit for bit, also
+on resume); across processes the timing may choose differently, and both spaces agree only up to rounding:
+force ``output`` or ``weight`` where bit-identical results across processes matter.
 
 Initialisation of B (``init``), all with unit-norm columns so Adam's step size means the same thing:
 
@@ -33,11 +40,14 @@ short runs and one-shot edits need, for at most 2 % of final loss against random
 
 Q is computed with `orthonormal_basis` (fp32, autocast disabled, sign-fixed, differentiable) - once per
 training step for all layers (`ParaNetwork.bases`, one batched QR per B shape), not once per layer call.
+The trainer calls ``network.step(check=False)``: no host synchronisation per step; rank/finiteness margins
+stay on the device and `ParaNetwork.check()` validates them every N steps and before saving.
 """
 from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
@@ -45,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .basis import orthonormal_bases, orthonormal_basis
+from .basis import orthonormal_bases, orthonormal_bases_deferred, orthonormal_basis, raise_if_degenerate
 from .errors import ParaShapeError
 from .format import ParaModel
 
@@ -56,7 +66,11 @@ DEFAULT_INIT = "small_sv"
 
 def init_basis(weight: torch.Tensor, rank: int, init: str = DEFAULT_INIT,
                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Initial B (out x rank, fp32, unit-norm columns) for a weight of shape (out, ...)."""
+    """Initial B (out x rank, fp32, unit-norm columns) for a weight of shape (out, ...), on the weight's device.
+
+    ``small_sv`` never takes a full SVD: it needs r of the out singular directions (see `smallest_left_singular`).
+    ``top_sv`` (a study option) still does.
+    """
     if weight.ndim < 2:
         raise ParaShapeError(f"PaRa needs a weight with at least 2 dims, got shape {tuple(weight.shape)}")
     out = weight.shape[0]
@@ -68,17 +82,20 @@ def init_basis(weight: torch.Tensor, rank: int, init: str = DEFAULT_INIT,
     if init not in INITS:
         raise ValueError(f"unknown init '{init}', expected one of {INITS}")
     w = weight.detach().to(torch.float32).reshape(out, -1)
+    if not bool(torch.isfinite(w).all()):
+        raise ParaShapeError(f"{init} init: the weight of shape {tuple(weight.shape)} contains NaN or Inf")
+    k = w.shape[1]
+    if init == "small_sv" and (k >= out or rank <= out - k):
+        return smallest_left_singular(w, rank, generator)
     u, _s, _vh = torch.linalg.svd(w, full_matrices=False)  # u: out x k, singular values descending
     k = u.shape[1]
     if init == "top_sv":
         if rank <= k:
             return u[:, :rank].contiguous()
         return torch.cat([u, _complement(u, rank - k, generator)], 1)
-    n_null = min(rank, out - k)  # out > K: left null space of W, singular value 0
-    cols = [_complement(u, n_null, generator)] if n_null else []
-    if rank > n_null:
-        cols.append(u[:, k - (rank - n_null):])
-    return torch.cat(cols, 1).contiguous()
+    # small_sv with 0 < out - K < rank (rare, small layers): the null space plus the smallest nonzero directions
+    n_null = out - k
+    return torch.cat([_complement(u, n_null, generator), u[:, k - (rank - n_null):]], 1).contiguous()
 
 
 def _complement(u: torch.Tensor, n: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -87,6 +104,82 @@ def _complement(u: torch.Tensor, n: int, generator: torch.Generator | None) -> t
     for _ in range(2):  # twice is enough in fp32 (Kahan-Parlett)
         r = r - u @ (u.T @ r)
     return torch.linalg.qr(r)[0]
+
+
+def _shifted_cholesky(g: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor of G + δI (G symmetric PSD, float64) for the smallest δ = 10^i·eps32·max diag(G) that works.
+
+    The shift keeps the order of G's eigenvalues (1/(λ+δ) is decreasing); it only slows the separation of
+    directions whose λ is below δ, which is about the rounding level of a Gram matrix computed in fp32
+    (σ below ~1e-3·σ_max): fp32 arithmetic cannot tell those directions apart anyway.
+    """
+    scale = float(g.diagonal().abs().max()) or 1.0
+    delta = torch.finfo(torch.float32).eps * scale
+    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    for _ in range(10):
+        chol, info = torch.linalg.cholesky_ex(g + delta * eye)
+        if int(info) == 0:
+            return chol
+        delta *= 10.0
+    raise ParaShapeError(f"small_sv init: the Gram matrix of a {tuple(g.shape)} weight is not positive semi-definite "
+                         "(NaN or Inf in the weight?)")
+
+
+def smallest_left_singular(w: torch.Tensor, rank: int, generator: torch.Generator | None = None,
+                           max_iter: int = 100, tol: float = 1e-9,
+                           energy_tol: float = 1e-5) -> torch.Tensor:
+    """The `rank` left singular vectors of w (out x K, fp32) with the smallest singular values, without an SVD.
+
+    * out > K and rank <= out - K: random directions (from `generator`) orthogonal to range(w), i.e. in the
+      left null space (singular value 0): Y - W (WᵀW)⁻¹ WᵀY, twice. Cost out·K² (the K x K Gram, fp32) + K³/3.
+    * out <= K: block inverse (shift-and-invert) subspace iteration on G = W Wᵀ (out x out) with p = r + 8
+      columns, Rayleigh-Ritz at the end: the r smallest eigenvectors of G are the r smallest left singular
+      vectors of W. Cost out²·K (the Gram, one fp32 GEMM) + out³/3 (Cholesky) + 4·out²·p per iteration,
+      against ~ 4·out²·K + 20·out³ for the full SVD: 3-10x less on SD1.5's layers (benchmarks/README.md).
+      Stops when every wanted Ritz pair's residual |G q - θ q| is below tol·|G| (angle to the exact vector
+      <= residual / eigen-gap: separated spectra converge to the SVD's vectors), or when the removed energy
+      |QᵀW|² = Σθ is within energy_tol (relative) of its limit, extrapolated from its geometric decay: in a
+      cluster of nearly equal small singular values (random weights) which vectors are taken does not
+      matter, only that |QᵀW| is minimal (tests/test_layer.py: within 1e-4 of the optimum). Bounded by max_iter:
+      in an adversarial cluster (190 singular values within 10 % of each other) 100 iterations leave the
+      removed energy 0.2 % above the optimum.
+    Deterministic in `generator` (the start block is drawn from it on the CPU). Returns out x rank fp32 with
+    orthonormal columns, on w's device.
+    """
+    out, k = w.shape
+    dev = w.device
+    if out > k:
+        chol = _shifted_cholesky((w.T @ w).to(torch.float64))
+        y = torch.randn(out, rank, generator=generator, dtype=torch.float32).to(dev)
+        for _ in range(2):  # the second pass removes what fp32 rounding left of range(W)
+            y = y - w @ torch.cholesky_solve((w.T @ y).to(torch.float64), chol).to(torch.float32)
+        return torch.linalg.qr(y)[0].contiguous()
+    g = (w @ w.T).to(torch.float64)
+    g = (g + g.T) * 0.5
+    p = min(out, rank + 8)
+    y = torch.linalg.qr(torch.randn(out, p, generator=generator, dtype=torch.float64).to(dev))[0]
+    if p == out:  # the block is the whole space: one small eigen-decomposition
+        return torch.linalg.eigh(g)[1][:, :rank].to(torch.float32).contiguous()
+    chol = _shifted_cholesky(g)
+    scale = float(g.diagonal().max()) or 1.0
+    energy: list[float] = []
+    for it in range(max_iter):
+        y = torch.linalg.qr(torch.cholesky_solve(y, chol))[0]
+        if it % 4 == 3 or it == max_iter - 1:
+            gy = g @ y
+            theta, v = torch.linalg.eigh(y.T @ gy)
+            q = y @ v[:, :rank]
+            resid = float((gy @ v[:, :rank] - q * theta[:rank]).norm(dim=0).max())
+            e = float(theta[:rank].sum())
+            if resid <= tol * scale:
+                break
+            if len(energy) >= 2:  # the excess energy decays geometrically: extrapolate what is left
+                d0, d1 = energy[-2] - energy[-1], energy[-1] - e
+                rate = min(d1 / d0, 0.999) if d0 > 0 else 0.0
+                if d1 <= 0 or d1 * rate / (1 - rate) <= energy_tol * e:
+                    break
+            energy.append(e)
+    return q.to(torch.float32).contiguous()
 
 
 def cheaper_mode(rank: int, k: int, n: int) -> str:
@@ -186,13 +279,22 @@ class ParaNetwork(nn.Module):
         self.mode = mode
         self._q: dict[str, torch.Tensor] | None = None
         self.mode_counts = {"output": 0, "weight": 0}
+        self.layer_modes: dict[str, str] = {}  # the mode each layer used last: what `describe_modes` reports
+        self.timings: dict[tuple, tuple[float, float]] = {}  # auto: key -> (output s, weight s) timed here
+        self._probes: dict[str, Callable] = {}
+        self._margins: torch.Tensor | None = None  # running minimum of the deferred rank margins
 
     @classmethod
     def from_weights(cls, weights: Mapping[str, torch.Tensor], ranks: Mapping[str, int], init: str = DEFAULT_INIT,
                      seed: int = 0, mode: str = "auto") -> "ParaNetwork":
         """New layers with B initialised from each weight (`init_basis`), deterministic in `seed`."""
         g = torch.Generator().manual_seed(int(seed) % (2 ** 63))
-        layers = {n: ParaLayer(init_basis(weights[n], ranks[n], init, g)) for n in sorted(weights)}
+        layers = {}
+        for n in sorted(weights):
+            try:
+                layers[n] = ParaLayer(init_basis(weights[n], ranks[n], init, g))
+            except ParaShapeError as e:
+                raise ParaShapeError(f"{n}: {e}") from None
         return cls(layers, mode)
 
     def layer(self, name: str) -> ParaLayer:
@@ -214,13 +316,30 @@ class ParaNetwork(nn.Module):
         return dict(zip(self.names, qs))
 
     @contextmanager
-    def step(self):
-        """Compute every Q once for this forward/backward and let the wrappers use it."""
-        self._q = self.bases()
+    def step(self, check: bool = True):
+        """Compute every Q once for this forward/backward and let the wrappers use it.
+
+        check=True validates each B now (one host synchronisation). check=False (the trainer's per-step path)
+        never waits for the device: the rank margins are kept on the device as a running minimum and
+        validated by `check()` - call it every N steps and before saving (`to_para_model` checks anyway).
+        """
+        if check or any(layer.b.dtype == torch.float64 for _, layer in self.items()):
+            self._q = self.bases()
+        else:
+            qs, margins = orthonormal_bases_deferred([layer.b for _, layer in self.items()])
+            self._q = dict(zip(self.names, qs))
+            self._margins = margins.detach() if self._margins is None else torch.minimum(self._margins, margins.detach())
         try:
             yield self._q
         finally:
             self._q = None
+
+    def check(self) -> None:
+        """Raise ParaRankError naming the first layer whose B was rank deficient or not finite at any
+        `step(check=False)` since the last check. One host synchronisation."""
+        margins, self._margins = self._margins, None
+        if margins is not None:
+            raise_if_degenerate(margins, [f"PaRa B of {n}" for n in self.names], [tuple(l.b.shape) for _, l in self.items()])
 
     def _basis(self, name: str) -> torch.Tensor:
         if self._q is not None:
@@ -239,14 +358,51 @@ class ParaNetwork(nn.Module):
             return "weight"
         if self.mode != "auto":
             return self.mode
-        w = module.weight
-        k = math.prod(w.shape[1:])
-        if kind == "linear":
-            n = x.numel() // max(1, x.shape[-1])
-        else:  # output positions ~ input positions / stride
-            stride = math.prod(getattr(module, "stride", (1,)))
-            n = x.shape[0] * math.prod(x.shape[2:]) // max(1, stride)
-        return cheaper_mode(rank, k, n)
+        key = _probe_key(kind, module, x, rank)
+        chosen = _MEASURED.get(key)
+        if chosen is None:
+            if not torch.is_grad_enabled():  # no backward to time (previews): the flop rule, nothing cached
+                return cheaper_mode(rank, math.prod(module.weight.shape[1:]), _positions(kind, module, x))
+            chosen = self._measure(key, name, x)
+        return chosen
+
+    def _measure(self, key: tuple, name: str, x: torch.Tensor, repeats: int = 3) -> str:
+        """Time one forward+backward of this layer call in output and in weight space, now, on a copy of its
+        input and Q (gradients to both, as in training; interleaved, best of `repeats` after a warm-up), and
+        keep the faster for this key in this process (`_MEASURED`).
+
+        Runs inside the model's forward the first time a key is met, so every step of every run in a process
+        uses the same choice (runs and resumed runs stay bit-identical within a process). It is a separate
+        small graph: its saved tensors bypass gradient checkpointing's hooks, torch.autograd.grad leaves every
+        .grad untouched, and nothing draws from a random generator.
+        """
+        _kind, _w, _xs, _x_dtype, autocast_dtype, device, *_ = key
+        probe = self._probes[name]
+        q = self._basis(name).detach().clone().requires_grad_(True)
+        xc = x.detach().clone().requires_grad_(True)
+        times = {"output": [], "weight": []}
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t), torch.enable_grad():
+            for i in range(repeats + 1):
+                for mode in ("output", "weight"):
+                    t = _timed(lambda m=mode: probe(m, xc, q, autocast_dtype), device)
+                    if i:
+                        times[mode].append(t)
+        best = {m: min(v) for m, v in times.items()}
+        self.timings[key] = (best["output"], best["weight"])
+        _MEASURED[key] = chosen = "output" if best["output"] <= best["weight"] else "weight"
+        return chosen
+
+    def describe_modes(self) -> str:
+        """Which space each layer used (last call), e.g. for the Train PaRa node's text output."""
+        out = sum(1 for m in self.layer_modes.values() if m == "output")
+        weight = len(self.layer_modes) - out
+        text = f"projection {self.mode}: output space on {out} layers, weight space on {weight}"
+        if self.timings:
+            t_out = sum(t[0] for t in self.timings.values())
+            t_w = sum(t[1] for t in self.timings.values())
+            text += (f" (timed {len(self.timings)} layer shapes: output {t_out * 1e3:.1f} ms, weight {t_w * 1e3:.1f} ms "
+                     f"for one call of each)")
+        return text
 
     def attach(self, modules: Mapping[str, nn.Module],
                weight_of: Callable[[nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]] | None = None,
@@ -287,10 +443,8 @@ class ParaNetwork(nn.Module):
         orig = module.forward
         channel_dim = -1 if kind == "linear" else 1
 
-        def forward(x, *args, **kwargs):
-            mode = self._choose(name, kind, module, x, rank)
-            self.mode_counts[mode] += 1
-            q = self._basis(name)
+        def apply(mode, x, q, args=(), kwargs=None):
+            kwargs = kwargs or {}
             if mode == "output":
                 y = orig(x, *args, **kwargs)
                 return project_output(y, q, bias_of(module, x), channel_dim)
@@ -302,9 +456,22 @@ class ParaNetwork(nn.Module):
                 return module._conv_forward(x, w, b)
             return _call_with_weight(module, orig, w, x, args, kwargs)
 
+        def forward(x, *args, **kwargs):
+            mode = self._choose(name, kind, module, x, rank)
+            self.mode_counts[mode] += 1
+            self.layer_modes[name] = mode
+            return apply(mode, x, self._basis(name), args, kwargs)
+
+        def probe(mode, x, q, autocast_dtype):
+            with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                y = apply(mode, x, q)
+            torch.autograd.grad(y, [x, q], torch.ones_like(y))
+
+        self._probes[name] = probe
         module.forward = forward
 
         def undo() -> None:
+            self._probes.pop(name, None)
             if had_own:
                 module.forward = previous
             else:
@@ -329,3 +496,33 @@ def _call_with_weight(module: nn.Module, orig, w: torch.Tensor, x, args, kwargs)
     finally:
         del module.weight
         module._parameters["weight"] = saved
+
+
+_MEASURED: dict[tuple, str] = {}  # projection "auto": (layer, input, dtype, device) -> faster mode, per process
+
+
+def _positions(kind: str, module: nn.Module, x: torch.Tensor) -> int:
+    """Output positions N of one call (tokens for a linear layer, pixels / stride for a conv)."""
+    if kind == "linear":
+        return x.numel() // max(1, x.shape[-1])
+    stride = math.prod(getattr(module, "stride", (1,)))
+    return x.shape[0] * math.prod(x.shape[2:]) // max(1, stride)
+
+
+def _probe_key(kind: str, module: nn.Module, x: torch.Tensor, rank: int) -> tuple:
+    """What the speed of one call depends on: op, weight and input shape, dtypes (autocast too), device, rank."""
+    dev = x.device.type
+    autocast_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    conv = tuple(getattr(module, a, None) for a in ("stride", "padding", "dilation", "groups")) if kind == "conv" else ()
+    return (kind, tuple(module.weight.shape), tuple(x.shape), x.dtype, autocast_dtype, x.device, module.weight.dtype,
+            rank, conv)
+
+
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t

@@ -1,9 +1,14 @@
 """The trainable PaRa layer: gradients, fp32 QR under autocast, output space == weight space, init."""
 import pytest
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
-from para_core.layer import (ParaLayer, ParaNetwork, cheaper_mode, init_basis, project_output, project_weight)
+import para_core.layer as layer_mod
+from para_core.basis import principal_angle_cosines
+from para_core.errors import ParaRankError
+from para_core.layer import (ParaLayer, ParaNetwork, cheaper_mode, init_basis, project_output, project_weight,
+                             smallest_left_singular)
 
 D = torch.float64
 
@@ -209,6 +214,45 @@ def test_small_sv_init_uses_the_null_space_of_wide_output_layers(gen):
     assert torch.linalg.matrix_rank(b) == 4
 
 
+def _with_spectrum(out, k, s, gen):
+    """W = U diag(s) Vᵀ (out x k) with the given singular values, random orthonormal U, V (float64)."""
+    u = torch.linalg.qr(torch.randn(out, len(s), generator=gen, dtype=D))[0]
+    v = torch.linalg.qr(torch.randn(k, len(s), generator=gen, dtype=D))[0]
+    return u @ torch.diag(torch.as_tensor(s, dtype=D)) @ v.T
+
+
+@pytest.mark.parametrize("out,k,r", [(64, 200, 4), (24, 72, 3), (96, 96, 8), (200, 400, 2)])
+def test_small_sv_matches_the_float64_svd_subspace(out, k, r, gen):
+    """Separated spectrum (geometric, 30 % apart): the iteration converges to the SVD's r smallest directions."""
+    # log-spaced spectrum 10 .. 0.5 (well above the fp32 Gram's rounding level, ~1e-3·σ_max): the r smallest
+    # directions are each within 1.5 % of the next, so what is sharply defined is the energy removed
+    s = 10.0 * 0.05 ** torch.linspace(0, 1, out, dtype=D)
+    w = _with_spectrum(out, k, s, gen)
+    b = init_basis(w.to(torch.float32), r, "small_sv", gen)
+    change = (b.to(D).T @ w).norm()
+    torch.testing.assert_close(change, torch.linalg.svdvals(w)[-r:].square().sum().sqrt(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(b.T @ b, torch.eye(r), rtol=0, atol=1e-5)
+    # a clean gap: last r singular values 0.1..0.05, the rest >= 1
+    s2 = torch.cat([torch.linspace(5.0, 1.0, out - r, dtype=D), torch.linspace(0.1, 0.05, r, dtype=D)])
+    w2 = _with_spectrum(out, k, s2, gen)
+    b2 = init_basis(w2.to(torch.float32), r, "small_sv", gen)
+    u_ref = torch.linalg.svd(w2, full_matrices=False)[0][:, -r:]
+    cos = principal_angle_cosines(b2, u_ref)
+    assert float(cos.min()) > 1 - 1e-7  # all r principal angles < 4.5e-4 rad (fp32 Gram: ~1e-4 expected)
+
+
+def test_small_sv_on_a_random_sd_size_layer_removes_the_least_energy(gen):
+    """Random 320 x 2880 (an SD1.5 3x3 conv): clustered small σ, where only the energy |QᵀW| is defined."""
+    w = torch.randn(320, 2880, generator=gen) / 2880 ** 0.5
+    b = smallest_left_singular(w, 4, torch.Generator().manual_seed(0))
+    s = torch.linalg.svdvals(w.to(D))
+    change = (b.to(D).T @ w.to(D)).norm()
+    optimum = s[-4:].square().sum().sqrt()
+    assert optimum <= change <= optimum * (1 + 1e-4)
+    again = smallest_left_singular(w, 4, torch.Generator().manual_seed(0))
+    assert torch.equal(b, again)  # deterministic in the generator
+
+
 def test_init_is_deterministic_in_the_seed():
     w = torch.randn(20, 12, generator=torch.Generator().manual_seed(0))
     nets = [ParaNetwork.from_weights({"a": w, "b": w[:10]}, {"a": 3, "b": 2}, init, seed=5)
@@ -229,3 +273,87 @@ def test_to_para_model_round_trip(gen):
     assert para.ranks() == {"diffusion_model.x.attn1.to_q": [3]}
     assert para.metadata["targets"] == "ExCA" and para.metadata["format"] == "para"
     torch.testing.assert_close(para.stages["diffusion_model.x.attn1.to_q"][0], q, rtol=0, atol=1e-6)
+
+
+# ---- deferred checks and measured projection ---------------------------------------------------------
+def test_step_without_check_defers_the_rank_check_to_check(gen):
+    module = _linear(gen, dtype=torch.float32).requires_grad_(False)
+    net = ParaNetwork({"a": ParaLayer(torch.randn(24, 3, generator=gen)), "m": ParaLayer(torch.randn(24, 3, generator=gen))},
+                      mode="output")
+    undo = net.attach({"m": module, "a": nn.Linear(20, 24)})
+    with net.step() as strict:
+        strict = {k: v.detach().clone() for k, v in strict.items()}
+    with net.step(check=False) as qs:
+        assert all(torch.equal(qs[n], strict[n]) for n in net.names)  # same bases, bit for bit
+        module(torch.randn(2, 20, generator=gen)).sum().backward()
+    net.check()  # fine
+    with torch.no_grad():
+        net.layer("m").b[:, 2] = net.layer("m").b[:, 0]  # rank 2 of 3
+    with net.step(check=False):
+        pass  # no error, no host synchronisation
+    with torch.no_grad():
+        net.layer("m").b.copy_(torch.randn(24, 3, generator=gen))  # healthy again: the running minimum remembers
+    with net.step(check=False):
+        pass
+    with pytest.raises(ParaRankError, match=r"^PaRa B of m: B of shape \(24, 3\) became rank deficient"):
+        net.check()
+    net.check()  # reset after reporting
+    with pytest.raises(ParaRankError):
+        with torch.no_grad():
+            net.layer("a").b.fill_(float("nan"))
+        with net.step():  # the strict path raises at once
+            pass
+    undo()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_auto_projection_times_each_key_once_and_uses_the_faster(gen, monkeypatch, checkpointing):
+    monkeypatch.setattr(layer_mod, "_MEASURED", {})
+    lin = _linear(gen, out=48, inp=40, dtype=torch.float32).requires_grad_(False)
+    conv = _conv(gen, out=16, inp=5, dtype=torch.float32).requires_grad_(False)
+    b = {"l": torch.randn(48, 2, generator=gen), "c": torch.randn(16, 2, generator=gen)}
+    x_l, x_c = torch.randn(3, 7, 40, generator=gen), torch.randn(2, 5, 9, 9, generator=gen)
+
+    def model(xl, xc):
+        return lin(xl).square().sum() + conv(xc).square().sum()
+
+    grads, outs, rng = {}, {}, {}
+    for mode in ("output", "auto", "auto again"):
+        net = ParaNetwork({n: ParaLayer(v) for n, v in b.items()}, mode=mode.split()[0])
+        undo = net.attach({"l": lin, "c": conv})
+        torch.manual_seed(0)
+        for _ in range(2):
+            net.zero_grad(set_to_none=True)
+            with net.step(check=False):
+                if checkpointing:
+                    y = torch.utils.checkpoint.checkpoint(model, x_l.requires_grad_(), x_c, use_reentrant=False)
+                else:
+                    y = model(x_l, x_c)
+                y.backward()
+        rng[mode] = torch.rand(1)  # the timing drew nothing from the global generator
+        outs[mode] = float(y)
+        grads[mode] = {n: net.layer(n).b.grad.clone() for n in b}
+        undo()
+        if mode == "auto":
+            assert len(net.timings) == 2 and len(layer_mod._MEASURED) == 2  # each key timed once
+            for key, (t_out, t_w) in net.timings.items():
+                assert layer_mod._MEASURED[key] == ("output" if t_out <= t_w else "weight")
+                assert net.layer_modes["l" if key[0] == "linear" else "c"] == layer_mod._MEASURED[key]
+            assert net.describe_modes().startswith("projection auto: output space on ")
+            assert "timed 2 layer shapes" in net.describe_modes()
+        if mode == "auto again":
+            assert net.timings == {} and len(layer_mod._MEASURED) == 2  # cached per process
+    assert torch.equal(rng["output"], rng["auto"])
+    # the timing added nothing to the gradients; both spaces give the same values; a second run is bit-identical
+    assert outs["auto"] == pytest.approx(outs["output"], rel=1e-5)
+    assert outs["auto again"] == outs["auto"]
+    for n in b:
+        torch.testing.assert_close(grads["auto"][n], grads["output"][n], rtol=1e-4, atol=1e-5)
+        assert torch.equal(grads["auto again"][n], grads["auto"][n])
+
+
+def test_small_sv_init_names_the_layer_of_a_non_finite_weight():
+    w = torch.randn(8, 20)
+    w[3, 4] = float("inf")
+    with pytest.raises(Exception, match=r"^diffusion_model.x: small_sv init: the weight of shape \(8, 20\) contains NaN or Inf$"):
+        ParaNetwork.from_weights({"diffusion_model.x": w}, {"diffusion_model.x": 2})
