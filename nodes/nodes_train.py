@@ -74,6 +74,7 @@ LossMap = io.Custom("LOSS_MAP")
 NONE = "[None]"
 DEFAULT_PREFIX = "para/ComfyUI_para_train"
 PREVIEW_STEPS = 12
+CHECK_EVERY = 50  # optimizer steps between validations of the bases (one host synchronisation each)
 NAME_MAX = 255  # bytes in one file name on the usual file systems (ext4, APFS, NTFS in UTF-16 units)
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -420,6 +421,7 @@ class Trainer:
         self.previews: list[torch.Tensor] = []
         self.saved: list[str] = []
         self.notes: list[str] = []
+        self.modes = ""  # which projection space the layers used (set at the end of a run)
         self.out_folder: str | None = None
         self.out_name = ""
 
@@ -575,23 +577,30 @@ class Trainer:
                 previewer = _previewer(base) if cfg.preview_every > 0 and self.vae is None else None
                 pbar = comfy.utils.ProgressBar(cfg.steps, node_id=self.node_id)
                 bar = tqdm(total=cfg.steps, desc="Training PaRa", disable=not comfy.utils.PROGRESS_BAR_ENABLED)
+                # No host synchronisation per step: the bases' rank/finiteness margins stay on the device
+                # (network.step(check=False)) and are validated every CHECK_EVERY steps, before a save and at the end.
                 loop = TrainingLoop(optimizer, micro_loss, cfg.grad_accumulation_steps, losses=self.loss_map["loss"],
-                                    step_context=network.step,
+                                    step_context=lambda: network.step(check=False),
                                     check=comfy.model_management.throw_exception_if_processing_interrupted)
                 for step in range(start_step, total):
                     loop.step(step)
                     done = step + 1
+                    if done % CHECK_EVERY == 0:
+                        network.check()
                     preview = None
                     if cfg.preview_every > 0 and (done % cfg.preview_every == 0 or done == total):
                         preview = self._preview(base, ms, network, groups, conds, t_opts, autocast, previewer)
                     if cfg.save_every > 0 and (done % cfg.save_every == 0 or done == total):
                         loop.flush()  # the sidecar carries the exact loss history
+                        network.check()
                         self._checkpoint(network, optimizer, p, done, space)
                     bar.update(1)
                     if loop.last_loss is not None:
                         bar.set_postfix(loss=f"{loop.last_loss:.4f}")
                     self._report(done - start_step, cfg.steps, done, total, loop.last_loss, pbar, preview)
                 loop.flush()
+                network.check()
+                self.modes = network.describe_modes()
                 network.requires_grad_(False)
                 para = network.to_para_model(self._metadata(p, total, space))
             finally:
@@ -745,8 +754,10 @@ class PaRaTrainer(io.ComfyNode):
                                        "values (the model barely changes at step 0). random: random directions. top_sv: "
                                        "the dominant directions (for experiments)."),
                 io.Combo.Input("projection", options=list(MODES), default="auto", optional=True,
-                               tooltip="Where PaRa is applied while training. auto: on the layer output unless the flop "
-                                       "count favours the weight (results are identical). output / weight: force one."),
+                               tooltip="Where PaRa is applied while training (the results are the same up to rounding). "
+                                       "auto: each layer shape is timed both ways at the first step and the faster is kept "
+                                       "(the node reports the split). output / weight: force one (bit-identical reruns "
+                                       "across processes)."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained PaRa applied as weight patches."),
@@ -780,7 +791,7 @@ class PaRaTrainer(io.ComfyNode):
         losses = trainer.loss_map["loss"]
         # the key facts first: the node's text box shows about two lines before it scrolls
         summary = "\n".join([f"steps {trainer.total_steps}, loss {losses[-1]:.4f} ({trainer.space} space); "
-                              f"{para.num_bytes() / 1024:.1f} KiB as fp16", trainer.plan.describe()] + trainer.notes)
+                              f"{para.num_bytes() / 1024:.1f} KiB as fp16", trainer.plan.describe(), trainer.modes] + trainer.notes)
         if trainer.saved:
             summary += f"\nsaved {len(trainer.saved)} file(s), last {os.path.relpath(trainer.saved[-1], folder_paths.get_output_directory())}"
         ui_out: dict = ui_text.report(cls, summary).as_dict()  # on the node and in the history

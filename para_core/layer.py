@@ -58,6 +58,7 @@ from torch import nn
 from .basis import orthonormal_bases, orthonormal_bases_deferred, orthonormal_basis, raise_if_degenerate
 from .errors import ParaShapeError
 from .format import ParaModel
+from .forward_patch import wrap_forwards
 
 INITS = ("small_sv", "random", "top_sv")
 MODES = ("auto", "output", "weight")
@@ -419,28 +420,29 @@ class ParaNetwork(nn.Module):
         missing = [n for n in self.names if n not in modules]
         if missing:
             raise KeyError(f"{len(missing)} PaRa targets are not modules of this model (first: {missing[0]})")
-        undo: list[Callable[[], None]] = []
+        names = {id(modules[n]): n for n in self.names}
+
+        def forget_probes() -> None:
+            for n in self.names:
+                self._probes.pop(n, None)
         try:
-            for name in self.names:
-                undo.append(self._install(name, modules[name], weight_of, bias_of))
+            undo_forwards = wrap_forwards([modules[n] for n in self.names],
+                                          lambda module, orig: self._forward(names[id(module)], module, orig, weight_of, bias_of))
         except BaseException:
-            for u in reversed(undo):
-                u()
+            forget_probes()
             raise
 
         def detach() -> None:
-            for u in reversed(undo):
-                u()
+            undo_forwards()
+            forget_probes()
         return detach
 
-    def _install(self, name: str, module: nn.Module, weight_of, bias_of) -> Callable[[], None]:
+    def _forward(self, name: str, module: nn.Module, orig, weight_of, bias_of):
+        """The PaRa forward of one module (`orig` is the forward it replaces); registers its timing probe."""
         kind = _layer_kind(module)
         rank = self.layer(name).rank
         if module.weight.shape[0] != self.layer(name).out_features:
             raise ParaShapeError(f"{name}: B has {self.layer(name).out_features} rows, weight is {tuple(module.weight.shape)}")
-        had_own = "forward" in module.__dict__
-        previous = module.__dict__.get("forward")
-        orig = module.forward
         channel_dim = -1 if kind == "linear" else 1
 
         def apply(mode, x, q, args=(), kwargs=None):
@@ -468,15 +470,7 @@ class ParaNetwork(nn.Module):
             torch.autograd.grad(y, [x, q], torch.ones_like(y))
 
         self._probes[name] = probe
-        module.forward = forward
-
-        def undo() -> None:
-            self._probes.pop(name, None)
-            if had_own:
-                module.forward = previous
-            else:
-                del module.forward
-        return undo
+        return forward
 
 
 def _default_weight_of(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
