@@ -22,7 +22,7 @@ trains), and file sizes are also compared against the core LoRA's tensors restri
 
     COMFYUI_PATH=... python benchmarks/bench_train.py [--arch tiny_sd15,tiny_sdxl] [--dtypes bf16,fp32]
         [--steps 8] [--res 16] [--repeats 3]
-    COMFYUI_PATH=... python benchmarks/bench_train.py --arch sd15 --res 64 --dtypes bf16 --steps 3 --repeats 1 \
+    COMFYUI_PATH=... python benchmarks/bench_train.py --arch sd15 --res 64 --dtypes bf16 --steps 4 --repeats 1 \
         --kinds floor,core,exca     # one full-size SD1.5 UNet at 512 px
     python benchmarks/bench_train.py --init-study [--steps 60]
 
@@ -480,6 +480,8 @@ def main() -> int:
         a.steps = a.steps or 60
         return main_init_study(a)
     a.steps = a.steps or 8
+    if a.steps < 4:
+        ap.error(f"--steps {a.steps}: the first 2 steps are warm-up, so at least 4 are needed for a timed step")
     return main_bench(a)
 
 
