@@ -331,7 +331,7 @@ def test_auto_projection_times_each_key_once_and_uses_the_faster(gen, monkeypatc
                     y = model(x_l, x_c)
                 y.backward()
         rng[mode] = torch.rand(1)  # the timing drew nothing from the global generator
-        outs[mode] = float(y)
+        outs[mode] = float(y.detach())
         grads[mode] = {n: net.layer(n).b.grad.clone() for n in b}
         undo()
         if mode == "auto":
