@@ -24,7 +24,7 @@ from comfy_api.latest import io
 from ..para_core import blocks
 from ..para_core.errors import ParaError
 from . import ui_text
-from .nodes_para import _STRENGTH, CATEGORY, Para, para_line
+from .nodes_para import _STRENGTH, CATEGORY, Para, _block_strength_in, para_line
 from .para_adapter import TEXT_ENCODER_PREFIXES, Resolution, block_multipliers, grouped_patches
 
 
@@ -94,10 +94,7 @@ class PaRaHook(io.ComfyNode):
                 io.Float.Input("strength_clip", **_STRENGTH,
                                tooltip="The same for the file's text-encoder layers, when the hooks are set on a CLIP "
                                        "(Set CLIP Hooks)."),
-                io.String.Input("block_strength", default="", optional=True,
-                                tooltip="Optional strength per block of the diffusion model, multiplying strength_model: "
-                                        "'input:1, middle:0.5, output:0' (SD UNets), 'double:1, single:0.5' (Flux), or "
-                                        "'regex:value'. Checked against the model when sampling starts."),
+                _block_strength_in(" (checked against the model when sampling starts)"),
                 io.Hooks.Input("prev_hooks", optional=True, tooltip="Hooks to combine with (as in Create Hook LoRA)."),
             ],
             outputs=[io.Hooks.Output(display_name="HOOKS", tooltip="Connect to Cond Set Props, Set Hook Keyframes or Set CLIP Hooks.")],

@@ -111,12 +111,12 @@ def _strength_inputs():
     ]
 
 
-def _block_strength_in():
+def _block_strength_in(checked: str = ""):
     return io.String.Input("block_strength", default="", optional=True,
                            tooltip="Optional strength per block of the diffusion model, multiplying strength_model: "
                                    "'input:1, middle:0.5, output:0' (SD UNets), 'double:1, single:0.5' (Flux), "
                                    "'joint.3:0' (SD3, one block), '*:0, output:1', or 'regex:value' on layer names. "
-                                   "Empty: every layer at strength_model. A block the model lacks is an error.")
+                                   "Empty: every layer at strength_model. A block the model lacks is an error" + checked + ".")
 
 
 def _outputs():
