@@ -1,6 +1,6 @@
 """PaRa inference nodes: load, apply, merge, combine with a LoRA, save.
 
-PaRa enters the model as weight patches (see para_adapter.py), the same mechanism as ComfyUI's LoRA
+PaRa enters the model as weight patches (see patching.py and weight_adapter/), the same mechanism as ComfyUI's LoRA
 loader: baked into the weights once when the model loads, undone bit-exactly when it unloads, no cost
 per sampling step.
 """
@@ -22,7 +22,7 @@ from ..para_core.format import ParaModel
 from ..para_core.lora import COMBINE_MODES
 from ..para_core.merge import MERGE_MODES, merge, subspace_overlap
 from . import folders, ui_text
-from .para_adapter import apply_para, apply_para_lora
+from .patching import apply_para, apply_para_lora
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ See conftest.py for the fixture API.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import os
@@ -61,6 +62,12 @@ def check_importable(path: str) -> str:
     finally:
         sys.path[:] = saved_path
     return ""
+
+
+def _cache_args(lru: int) -> dict:
+    """PromptExecutor's cache_args as ComfyUI's main.py passes them: every key any ComfyUI reads (0.8 reads `lru`
+    and `ram`; later ones also `ram_inactive`), RAM-pressure eviction off ("ram": 0 GB of headroom)."""
+    return {"lru": lru, "ram": 0, "ram_inactive": 0}
 
 
 class _StubServer:
@@ -134,7 +141,7 @@ class ComfyHarness:
         # A large LRU: the whole suite runs in one process, and the `sd15` fixture's CheckpointLoaderSimple output must
         # stay the model later prompts get (test files with many model-free prompts, like the corpus, would push it
         # out of a small cache, and a reload gives new objects).
-        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.LRU, cache_args={"lru": LRU_SIZE, "ram": 0})
+        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.LRU, cache_args=_cache_args(LRU_SIZE))
         self._last_executor = self.executor
 
     # ---- running prompts ---------------------------------------------------------------------------
@@ -143,7 +150,7 @@ class ComfyHarness:
         executor = self.executor
         if fresh_cache:
             executor = self.execution.PromptExecutor(self.server, cache_type=self.execution.CacheType.CLASSIC,
-                                                     cache_args={"lru": 0, "ram": 0})
+                                                     cache_args=_cache_args(0))
         self._last_executor = executor
         pid = str(uuid.uuid4())
         valid = asyncio.run(self.execution.validate_prompt(pid, prompt, None))
@@ -186,6 +193,8 @@ class ComfyHarness:
     def output(self, node_id: str, index: int = 0):
         """The Python value of output `index` of `node_id` after the last run (from ComfyUI's output cache)."""
         entry = self._last_executor.caches.outputs.get(str(node_id))
+        if inspect.isawaitable(entry):  # newer ComfyUI: the output cache's `get` is a coroutine
+            entry = asyncio.run(entry)
         if entry is None:
             raise KeyError(f"node {node_id} has no cached output (was it part of the last prompt?)")
         return entry.outputs[index][0]
