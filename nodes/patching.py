@@ -15,6 +15,7 @@ from ..para_core import blocks
 from ..para_core.errors import ParaError
 from ..para_core.format import ParaModel
 from ..para_core.lora import combine_factors
+from .bypass import add_bypass, entries_from_patches, unavailable_reason
 from .core_lora import base_weights, read_lora
 from .keys import Resolution, block_multipliers, key_name, split_target, target_rows
 from .ui_text import describe
@@ -33,12 +34,16 @@ def grouped_patches(para: ParaModel, res: Resolution, side: str, strength: float
     return groups
 
 
-def apply_para(para: ParaModel, model, clip, strength_model: float, strength_clip: float, block_strength: str = ""):
-    """Clone model/clip and add one ParaAdapter per matched weight (one add_patches call per strength).
+def apply_para(para: ParaModel, model, clip, strength_model: float, strength_clip: float, block_strength: str = "",
+               bypass: bool = False):
+    """Clone model/clip and add one ParaAdapter per matched weight (one add_patches call per strength), or with
+    `bypass` the same PaRa as output projections that leave every weight untouched (bypass.py).
 
     `block_strength` (para_core.blocks) scales strength_model per block of the diffusion model.
     Returns (model, clip, status text). A file that does not fit raises ParaError with one message.
     """
+    if bypass and unavailable_reason():
+        raise ParaError(unavailable_reason())
     res = Resolution(para, model, clip)
     res.raise_if_bad(para)
     mult = block_multipliers(res, block_strength)
@@ -53,6 +58,11 @@ def apply_para(para: ParaModel, model, clip, strength_model: float, strength_cli
             continue
         clone = model.clone() if side == "model" else clip.clone()
         added = 0
+        if bypass:
+            entries = entries_from_patches(groups)
+            add_bypass(clone if side == "model" else clone.patcher, entries)
+            groups = {}
+            added = len(entries)
         for s, patches in groups.items():
             n = len(clone.add_patches(patches, s))
             if n != len(patches):  # cannot happen: targets come from the patcher's own state dict
@@ -68,6 +78,8 @@ def apply_para(para: ParaModel, model, clip, strength_model: float, strength_cli
         notes.append("strength 0 leaves that side unchanged")
     if mult:
         notes.append(f"block strength: {blocks.describe(mult) or 'all 1'}")
+    if bypass:
+        notes.append("bypass: weights untouched, each layer's output projected")
     return new_model, new_clip, describe(res.report, counts, "; ".join(notes))
 
 
