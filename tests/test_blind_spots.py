@@ -1,7 +1,8 @@
 """Areas the rest of the suite did not guard (issue 13, item 8), each with the exact behaviour a user expects:
 what a failed save of a PaRa file and its ``.para_state`` sidecar leaves behind, a target file that appears
 while a write is in progress, small_sv initialisation where the output size is close to the rank,
-and export-lora on the fused q/k/v projection of SDXL's open_clip text encoder."""
+export-lora on the fused q/k/v projection of SDXL's open_clip text encoder, and merging files that name
+different base models."""
 from __future__ import annotations
 
 import errno
@@ -11,7 +12,7 @@ import pytest
 import torch
 from reference import ref_project
 
-from para_core import ParaError, ParaModel, safetensors_io
+from para_core import ParaError, ParaModel, merge, safetensors_io
 from para_core.basis import principal_angle_cosines
 from para_core.checkpoint import module_map
 from para_core.cli import main
@@ -185,3 +186,42 @@ def test_export_lora_on_the_fused_qkv_projection_of_sdxl_clip_g(tmp_path):
         ref = ref_project(w0, q[layer + proj][0], 0.7)
         err = float((w0.double() + up.double() @ down.double() - ref).abs().max())
         assert err < 1e-6 * float(ref.abs().max()), (proj, err)
+# ---- merging files of different base models -------------------------------------------------------------
+def _subject(name: str, base_model: str | None, seed: int) -> ParaModel:
+    meta = {"name": name} if base_model is None else {"name": name, "base_model": base_model}
+    p = random_para({"diffusion_model.out.0": 16, "diffusion_model.middle_block.1.proj_in": 32}, 2, seed=seed, metadata=meta)
+    p.source = f"{name}.safetensors"
+    return p
+
+
+@pytest.mark.parametrize("mode", ["sequential", "union"])
+def test_merge_refuses_files_of_different_base_models(mode):
+    """The layers have the same shapes (SD1.5 and SD2 UNets share them), but the metadata says the files were
+    trained on different models: one error naming both files and both base models, never a silent merge."""
+    a, b = _subject("dog", "sd15", 1), _subject("cat", "sd20", 2)
+    with pytest.raises(ParaError) as e:
+        merge([a, b], mode)
+    assert str(e.value) == ("dog.safetensors was trained on base model 'sd15', cat.safetensors on 'sd20': "
+                            "a merge of PaRa files for different base models fits neither")
+
+
+def test_merge_keeps_the_shared_base_model():
+    """Same base model (also spelt differently, or a file that names none, e.g. from another tool): merged, and
+    the result says which."""
+    for other in ("sd15", " SD15", None):
+        m = merge([_subject("dog", "sd15", 1), _subject("cat", other, 2)], "sequential")
+        assert m.metadata["base_model"] == "sd15" and m.metadata["merged_from"] == "dog + cat"
+    assert "base_model" not in merge([_subject("dog", None, 1), _subject("cat", None, 2)], "union").metadata
+
+
+def test_cli_merge_of_different_base_models_is_one_line_and_writes_nothing(tmp_path, capsys):
+    paths = []
+    for name, base, seed in (("dog", "sdxl", 1), ("cat", "sd15", 2)):
+        paths.append(tmp_path / f"{name}.safetensors")
+        _subject(name, base, seed).save(str(paths[-1]))
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", str(paths[0]), str(paths[1]), "-o", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"para merge: error: {paths[0]} was trained on base model 'sdxl', {paths[1]} on 'sd15': "
+                   "a merge of PaRa files for different base models fits neither"), err
+    assert not out.exists()
