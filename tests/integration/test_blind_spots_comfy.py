@@ -93,11 +93,12 @@ def _recording_timesteps(diffusion_model):
         handle.remove()
 
 
-def test_training_uses_the_upstream_object_patch_of_a_loaded_model(comfy, sd15):
-    """ModelSamplingDiscrete (v_prediction, zsnr) replaces the model's model_sampling by an object patch; the model
-    was sampled with it (so it is loaded, patch applied) before Train PaRa runs on it. Training must run with the
-    patched schedule (every timestep the patched one's, the loss in v space), and afterwards the model is as
-    before: still patched while loaded, sampling bit-identically, and unloading restores the original schedule."""
+@pytest.mark.parametrize("loaded", [True, False], ids=["loaded", "unloaded"])
+def test_training_uses_the_upstream_object_patch(comfy, sd15, loaded):
+    """ModelSamplingDiscrete (v_prediction, zsnr) replaces the model's model_sampling by an object patch, and the
+    model was sampled with it (loaded: patch applied; or unloaded again) before Train PaRa runs on it. Training
+    must run with the patched schedule (every timestep the patched one's, the loss in v space); afterwards the
+    model is as before (patched while loaded, the original schedule once unloaded) and samples bit-identically."""
     import comfy.model_management as mm
     from test_train_isolation import _sample as sample_once
     mm.unload_all_models()
@@ -114,10 +115,14 @@ def test_training_uses_the_upstream_object_patch_of_a_loaded_model(comfy, sd15):
     patched = upstream.object_patches["model_sampling"]
     before = sample_once(comfy, upstream, positive)
     assert torch_model.model_sampling is patched, "sampling should have loaded the model with its object patch"
+    if not loaded:
+        mm.unload_all_models()
+        assert torch_model.model_sampling is original
+    schedule_before = torch_model.model_sampling
 
     lat = g.node("EmptyLatentImage", width=64, height=64, batch_size=2)
     tr = g.node("PaRaTrainer", model=msd.out(0), latents=lat.out(0), positive=te.out(0),
-                **dict(TRAIN, steps=3, seed=41, gradient_checkpointing=False))
+                **dict(TRAIN, steps=3, seed=41 if loaded else 42, gradient_checkpointing=False))  # not cached
     g.node("PreviewAny", source=tr.out(0))
     with _recording_timesteps(torch_model.diffusion_model) as calls:
         comfy.run(g.finalize())
@@ -130,7 +135,7 @@ def test_training_uses_the_upstream_object_patch_of_a_loaded_model(comfy, sd15):
         differs += not torch.equal(t, original.timestep(sigma).float())
     assert differs == 3, "the zsnr schedule maps these sigmas to other timesteps than the original one"
 
-    assert torch_model.model_sampling is patched
+    assert torch_model.model_sampling is schedule_before
     assert torch.equal(sample_once(comfy, upstream, positive), before)
     mm.unload_all_models()
     assert torch_model.model_sampling is original
