@@ -103,6 +103,44 @@ def test_output_that_appears_while_writing_is_kept_and_the_write_refused(tmp_pat
     assert os.listdir(tmp_path) == ["out.safetensors"] and torch.equal(tensors["a"], t)
 
 
+def test_output_that_appears_after_every_check_is_never_overwritten(tmp_path, monkeypatch):
+    """The other file appears at the very last moment, when the finished output is being put in place (after
+    any existence check): still refused, their bytes kept, no temp file left."""
+    path = tmp_path / "out.safetensors"
+    for name in ("link", "replace"):  # however the writer puts the file in place
+        real = getattr(os, name)
+
+        def appear_then(src, dst, *a, _real=real, **kw):
+            if os.fspath(dst) == str(path):
+                path.write_bytes(b"written at the last moment")
+            return _real(src, dst, *a, **kw)
+        monkeypatch.setattr(os, name, appear_then)
+    with pytest.raises(ParaError) as e:
+        safetensors_io.save_file({"a": torch.ones(3)}, str(path))
+    assert str(e.value) == f"{path}: appeared while writing (use --force to overwrite)"
+    assert os.listdir(tmp_path) == ["out.safetensors"] and path.read_bytes() == b"written at the last moment"
+
+
+def test_writer_without_hard_links_still_writes_and_refuses(tmp_path, monkeypatch):
+    """On a file system without hard links (FAT, some network shares) a new output is still written exactly and
+    leaves no temp file, and a target that appeared during the write is still refused."""
+    def no_links(src, dst, *a, **kw):
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+    monkeypatch.setattr(os, "link", no_links)
+    path = tmp_path / "out.safetensors"
+    t = torch.arange(5, dtype=torch.float16)
+    safetensors_io.save_file({"a": t}, str(path))
+    assert os.listdir(tmp_path) == ["out.safetensors"] and path.read_bytes() == safetensors_io.to_bytes({"a": t})
+    other = tmp_path / "other.safetensors"
+
+    def produce(i):
+        other.write_bytes(b"written meanwhile")
+        return t
+    with pytest.raises(ParaError, match="appeared while writing"):
+        safetensors_io.write_stream(str(other), [("a", torch.float16, (5,))], produce)
+    assert sorted(os.listdir(tmp_path)) == ["other.safetensors", "out.safetensors"] and other.read_bytes() == b"written meanwhile"
+
+
 def test_para_file_that_appears_during_a_save_with_sidecar_is_kept(tmp_path, monkeypatch):
     """The trainer picked a free name, and another run writes a file of that name before ours is renamed into
     place: their file stays as it is, our sidecar (already written) is removed with our file."""
