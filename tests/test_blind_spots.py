@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from reference import ref_project
+from reference import orth64, ref_project
 
 from para_core import ParaError, ParaModel, merge, safetensors_io
 from para_core.basis import principal_angle_cosines
@@ -197,7 +197,7 @@ def test_small_sv_of_a_4_channel_conv_out_is_its_smallest_singular_direction(gen
 
 
 # ---- export-lora on SDXL's fused open_clip in_proj ---------------------------------------------------------
-def test_export_lora_on_the_fused_qkv_projection_of_sdxl_clip_g(tmp_path):
+def test_export_lora_on_the_fused_qkv_projection_of_sdxl_clip_g(tmp_path, gen):
     """q_proj, k_proj and v_proj of clip_g are row blocks 0, 1, 2 of one attn.in_proj_weight (192 x 64): each
     exported LoRA is the PaRa edit of its own 64 rows (float64 reference), named for ComfyUI's clip_g module."""
     ckpt = tmp_path / "xl.safetensors"
@@ -207,8 +207,7 @@ def test_export_lora_on_the_fused_qkv_projection_of_sdxl_clip_g(tmp_path):
     _, infos = safetensors_io.read_header(str(ckpt))
     assert {p: module_map(infos)[layer + p].key for p in ("q_proj", "k_proj", "v_proj")} == dict.fromkeys(("q_proj", "k_proj", "v_proj"), fused)
     ranks = {"q_proj": 3, "k_proj": 2, "v_proj": 5}
-    para = ParaModel.from_bases({layer + p: [random_para({p: 64}, r, seed=i, dtype=torch.float32).stages[p][0]]
-                                 for i, (p, r) in enumerate(ranks.items())}, dtype=torch.float32)
+    para = ParaModel.from_bases({layer + p: [orth64(64, r, gen)] for p, r in ranks.items()}, dtype=torch.float32)
     p = tmp_path / "p.safetensors"
     para.save(str(p))
     lora = tmp_path / "l.safetensors"
