@@ -37,7 +37,8 @@ def _predict(patcher, seed=0) -> torch.Tensor:
     import comfy.model_management as mm
     x, sigma, ctx = _inputs(seed)
     mm.unload_all_models()
-    mm.load_models_gpu([patcher], force_full_load=True)  # (ComfyUI 0.8 cannot move mixed-precision layers in inference mode)
+    with torch.no_grad():  # (not inference mode: ComfyUI 0.8 cannot move mixed-precision layers in inference mode)
+        mm.load_models_gpu([patcher], force_full_load=True)
     with torch.inference_mode():
         y = patcher.model.apply_model(x, sigma, c_crossattn=ctx).float().clone()
     mm.unload_all_models()
