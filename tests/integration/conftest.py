@@ -36,10 +36,11 @@ Fixture API (stable; the trainer tests use it too)
   UI-format workflow -> API prompt (widgets mapped in schema order, Note nodes dropped).
 * ``comfy.nodes``: ComfyUI's ``nodes`` module (``comfy.nodes.NODE_CLASS_MAPPINGS[...]``).
 
-Float64 references in harness.py (import them in tests: ``from harness import ...``): ``orth64(B)`` (Q with
-diag(R) > 0, the basis the PaRa format defines), ``project64(W, [B1, B2, ...], strength=1.0)`` (the sequential
-chain W_k = W_{k-1} - s·Q_kQ_kᵀW_{k-1}), ``union64([B1, B2])``, ``ulp(x, dtype)`` (spacing of dtype at |x|), and
-``REPO_ROOT``.
+Float64 references: tests/reference.py (``from reference import ...``; harness.py puts tests/ on sys.path and
+re-exports ``orth64, project64, union64, ulp``): ``orth64(B)`` (Q with diag(R) > 0, the basis the PaRa format
+defines), ``project64(W, [B1, B2, ...], strength=1.0)`` (the sequential chain W_k = W_{k-1} - s·Q_kQ_kᵀW_{k-1}),
+``parallel64``, ``union64([B1, B2])``, ``ulp(x, dtype)`` (spacing of dtype at |x|), ``assert_rel_close``.
+harness.py has ``bits_equal`` and ``REPO_ROOT``.
 
 ``sd15`` (session) -> dict with ``ckpt`` (file name), ``model``/``clip``/``vae`` Python objects from a
 CheckpointLoaderSimple run (shared by tests; clone before patching by hand) and ``loader_id``.
