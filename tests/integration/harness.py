@@ -33,6 +33,8 @@ if TESTS_DIR not in [os.path.abspath(p or ".") for p in sys.path]:
 
 from reference import orth64, project64, union64, ulp  # noqa: E402,F401  (re-exported: `from harness import project64`)
 
+import input_nodes  # noqa: E402  (test-only input nodes, registered in ComfyHarness._start)
+
 GEN = torch.Generator().manual_seed(0)
 LRU_SIZE = 1024
 
@@ -143,6 +145,7 @@ class ComfyHarness:
             ok = asyncio.run(nodes.load_custom_node(REPO_ROOT, ignore=set(nodes.NODE_CLASS_MAPPINGS)))
             if not ok or "PaRaLoader" not in nodes.NODE_CLASS_MAPPINGS:
                 raise RuntimeError(f"ComfyUI could not load the pack at {REPO_ROOT} (see the log above)")
+            input_nodes.register(nodes.NODE_CLASS_MAPPINGS)
         self.server = _StubServer()
         # A large LRU: the whole suite runs in one process, and the `sd15` fixture's CheckpointLoaderSimple output must
         # stay the model later prompts get (test files with many model-free prompts, like the corpus, would push it
