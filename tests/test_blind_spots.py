@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from reference import orth64, ref_project
+from reference import random_orth64, ref_project
 
 from para_core import ParaError, ParaModel, merge, safetensors_io
 from para_core.basis import principal_angle_cosines
@@ -207,7 +207,7 @@ def test_export_lora_on_the_fused_qkv_projection_of_sdxl_clip_g(tmp_path, gen):
     _, infos = safetensors_io.read_header(str(ckpt))
     assert {p: module_map(infos)[layer + p].key for p in ("q_proj", "k_proj", "v_proj")} == dict.fromkeys(("q_proj", "k_proj", "v_proj"), fused)
     ranks = {"q_proj": 3, "k_proj": 2, "v_proj": 5}
-    para = ParaModel.from_bases({layer + p: [orth64(64, r, gen)] for p, r in ranks.items()}, dtype=torch.float32)
+    para = ParaModel.from_bases({layer + p: [random_orth64(64, r, gen)] for p, r in ranks.items()}, dtype=torch.float32)
     p = tmp_path / "p.safetensors"
     para.save(str(p))
     lora = tmp_path / "l.safetensors"

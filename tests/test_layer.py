@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.utils.checkpoint
+from reference import orth64, project64, random_orth64
 from torch import nn
 
 import para_core.layer as layer_mod
@@ -11,13 +12,6 @@ from para_core.layer import (ParaLayer, ParaNetwork, cheaper_mode, init_basis, p
                              smallest_left_singular)
 
 D = torch.float64
-
-
-def _ref_weight(w, q):
-    """Float64 reference W - QQᵀW with QQᵀ built explicitly."""
-    w64 = w.to(D).reshape(w.shape[0], -1)
-    q64 = q.to(D)
-    return (w64 - q64 @ q64.T @ w64).reshape(w.shape)
 
 
 def _linear(g, out=24, inp=20, dtype=D):
@@ -62,7 +56,7 @@ def test_output_space_equals_weight_space_float64(make, x_shape, gen):
         grads[mode] = net.layer("m").b.grad.clone()
     # reference: the same layer with W - QQᵀW, QQᵀ built explicitly in float64
     q = net.layer("m").basis().detach().to(D)
-    ref = module.__class__.forward(_swap(module, _ref_weight(module.weight.detach(), q)), x)
+    ref = module.__class__.forward(_swap(module, project64(module.weight.detach(), [q])), x)
     torch.testing.assert_close(results["output"], ref, rtol=0, atol=1e-12)
     torch.testing.assert_close(results["weight"], ref, rtol=0, atol=1e-12)
     torch.testing.assert_close(grads["output"], grads["weight"], rtol=1e-9, atol=1e-12)
@@ -99,9 +93,7 @@ def test_qr_runs_in_fp32_under_bf16_autocast(gen):
         y = project_output(torch.randn(3, 64, generator=gen).to(torch.bfloat16), q)
     assert q.dtype == torch.float32
     assert y.dtype == torch.bfloat16
-    q64 = torch.linalg.qr(b.to(D))[0]
-    q64 = q64 * torch.sign(torch.diagonal(torch.linalg.qr(b.to(D))[1]))
-    torch.testing.assert_close(q.to(D), q64, rtol=0, atol=1e-5)  # fp32 accuracy, not bf16 (~1e-2)
+    torch.testing.assert_close(q.to(D), orth64(b), rtol=0, atol=1e-5)  # fp32 accuracy, not bf16 (~1e-2)
     eye = torch.eye(6, dtype=D)
     assert (q.to(D).T @ q.to(D) - eye).abs().max() < 1e-5
 
@@ -140,7 +132,7 @@ def test_other_modules_use_weight_space_with_their_own_forward(gen):
     y = emb(ids)
     undo()
     q = net.layer("e").basis().detach()
-    ref = torch.nn.functional.embedding(ids, _ref_weight(emb.weight.detach(), q).float())
+    ref = torch.nn.functional.embedding(ids, project64(emb.weight.detach(), [q]).float())
     torch.testing.assert_close(y, ref, rtol=0, atol=1e-6)
     assert isinstance(emb._parameters["weight"], nn.Parameter) and net.mode_counts["weight"] == 1
 
@@ -200,7 +192,7 @@ def test_small_sv_init_removes_the_smallest_singular_directions(shape, gen):
     torch.testing.assert_close((project_weight(w.to(D), top.to(D)) - w.to(D)).norm(),
                                s[:r].square().sum().sqrt(), rtol=1e-5, atol=1e-6)  # maximal possible
     rnd = init_basis(w, r, "random", gen)
-    rnd_change = (project_weight(w.to(D), torch.linalg.qr(rnd.to(D))[0]) - w.to(D)).norm()
+    rnd_change = (project_weight(w.to(D), orth64(rnd)) - w.to(D)).norm()
     assert change < rnd_change
 
 
@@ -216,8 +208,7 @@ def test_small_sv_init_uses_the_null_space_of_wide_output_layers(gen):
 
 def _with_spectrum(out, k, s, gen):
     """W = U diag(s) Vᵀ (out x k) with the given singular values, random orthonormal U, V (float64)."""
-    u = torch.linalg.qr(torch.randn(out, len(s), generator=gen, dtype=D))[0]
-    v = torch.linalg.qr(torch.randn(k, len(s), generator=gen, dtype=D))[0]
+    u, v = random_orth64(out, len(s), gen), random_orth64(k, len(s), gen)
     return u @ torch.diag(torch.as_tensor(s, dtype=D)) @ v.T
 
 

@@ -27,6 +27,14 @@ from typing import Any
 import torch
 
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+TESTS_DIR = os.path.join(REPO_ROOT, "tests")
+if TESTS_DIR not in [os.path.abspath(p or ".") for p in sys.path]:
+    sys.path.append(TESTS_DIR)  # tests/reference.py, also when only tests/integration is run
+
+from reference import orth64, project64, union64, ulp  # noqa: E402,F401  (re-exported: `from harness import project64`)
+
+import input_nodes  # noqa: E402  (test-only input nodes, registered in ComfyHarness._start)
+
 GEN = torch.Generator().manual_seed(0)
 LRU_SIZE = 1024
 
@@ -137,6 +145,7 @@ class ComfyHarness:
             ok = asyncio.run(nodes.load_custom_node(REPO_ROOT, ignore=set(nodes.NODE_CLASS_MAPPINGS)))
             if not ok or "PaRaLoader" not in nodes.NODE_CLASS_MAPPINGS:
                 raise RuntimeError(f"ComfyUI could not load the pack at {REPO_ROOT} (see the log above)")
+            input_nodes.register(nodes.NODE_CLASS_MAPPINGS)
         self.server = _StubServer()
         # A large LRU: the whole suite runs in one process, and the `sd15` fixture's CheckpointLoaderSimple output must
         # stay the model later prompts get (test files with many model-free prompts, like the corpus, would push it
@@ -454,33 +463,6 @@ def _clip_l_sd() -> dict[str, torch.Tensor]:
     return sd
 
 
-logging.getLogger(__name__).debug("harness imported")
-
-
-# ---- float64 references -------------------------------------------------------------------------------
-def orth64(b: torch.Tensor) -> torch.Tensor:
-    """Q of B = QR in float64 with diag(R) > 0: the unique orthonormal basis the PaRa format defines.
-
-    The projector QQᵀ does not depend on the choice, but PaRa + LoRA `product` mode does.
-    """
-    q, r = torch.linalg.qr(b.to(torch.float64))
-    return q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)
-
-
-def project64(w: torch.Tensor, bases: list[torch.Tensor], strength: float = 1.0) -> torch.Tensor:
-    """W_k = W_{k-1} - s·Q_kQ_kᵀW_{k-1} for each B_k in order, in float64, shaped like w."""
-    cur = w.to(torch.float64).reshape(w.shape[0], -1)
-    for b in bases:
-        q = orth64(b)
-        cur = cur - strength * q @ (q.T @ cur)
-    return cur.reshape(w.shape)
-
-
-def union64(bases: list[torch.Tensor]) -> torch.Tensor:
-    """Orthonormal basis of span(B_1 ∪ B_2 ∪ ...) in float64."""
-    u, s, _ = torch.linalg.svd(torch.cat([orth64(b) for b in bases], 1), full_matrices=False)
-    return u[:, s > 1e-10 * s.max()]
-
 
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit-for-bit equality, NaN payloads included. ComfyUI leaves weights a checkpoint does not have as
@@ -490,10 +472,4 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
             and torch.equal(a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8)))
 
 
-def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Spacing of `dtype` numbers at |x| (float64): the gap between the two representable neighbours of x."""
-    fi = torch.finfo(dtype)
-    mant = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23,
-            torch.float8_e4m3fn: 3, torch.float8_e5m2: 2}[dtype]
-    ax = x.to(torch.float64).abs().clamp_min(fi.smallest_normal)
-    return torch.exp2(torch.floor(torch.log2(ax)) - mant)
+logging.getLogger(__name__).debug("harness imported")

@@ -142,27 +142,10 @@ def test_training_uses_the_upstream_object_patch(comfy, sd15, loaded):
 
 
 # ---- captions with mixed image sizes --------------------------------------------------------------------
-class _SizedLatents:
-    """A list of LATENTs, one per image, each (1, 4, size, size) filled with one value (test-only input node)."""
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"sizes": ("STRING", {"default": "8,6"}), "values": ("STRING", {"default": "1,1"})}}
-
-    RETURN_TYPES = ("LATENT",)
-    OUTPUT_IS_LIST = (True,)
-    FUNCTION = "make"
-    CATEGORY = "_for_testing"
-
-    def make(self, sizes, values):
-        return ([{"samples": torch.full((1, 4, int(s), int(s)), float(v))} for s, v in zip(sizes.split(","), values.split(","))],)
-
-
 def test_each_training_sample_gets_its_own_caption_with_mixed_image_sizes(comfy, sd15):
     """Images of two sizes, interleaved (8, 6, 8, 6), each with its own caption: training groups them by size, and
     every sample of every step must still be conditioned on its own image's caption. An image is recognised in
     the model's input by its size and by its sign (latents +60 and -60: far outside the noise's mean)."""
-    comfy.nodes.NODE_CLASS_MAPPINGS.setdefault("ParaTestSizedLatents", _SizedLatents)
     sizes, values = (8, 6, 8, 6), (60, 60, -60, -60)
     image_of = {((s, s), v > 0): i for i, (s, v) in enumerate(zip(sizes, values))}
     g = comfy.graph()
