@@ -17,7 +17,6 @@ otherwise; COMFYUI_PARA_REQUIRE_KOHYA=1 (CI, `.ci/kohya`) turns the skip into a 
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -25,25 +24,9 @@ import sys
 import pytest
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
-KOHYA = os.environ.get("KOHYA_PATH", "")
-REQUIRE = os.environ.get("COMFYUI_PARA_REQUIRE_KOHYA") == "1"
+from kohya_env import HERE, KOHYA, REPO, needs_kohya
 
-
-def _missing() -> str:
-    if not KOHYA or not os.path.isfile(os.path.join(KOHYA, "train_network.py")):
-        return "KOHYA_PATH does not point at an sd-scripts source tree"
-    for mod in ("accelerate", "diffusers", "transformers", "safetensors"):
-        if importlib.util.find_spec(mod) is None:
-            return f"this Python lacks sd-scripts' requirement {mod}"
-    return ""
-
-
-MISSING = _missing()
-if MISSING and REQUIRE:
-    raise pytest.UsageError(f"COMFYUI_PARA_REQUIRE_KOHYA=1 but {MISSING}")
-pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"needs sd-scripts: {MISSING}")
+pytestmark = needs_kohya()
 
 
 def _free_port() -> int:

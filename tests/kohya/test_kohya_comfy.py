@@ -8,8 +8,9 @@ the same file through CheckpointLoaderSimple -> Load PaRa. Every patched UNet we
 agree with the merged one to fp32 rounding, every CLIP weight (fp16 in ComfyUI on CPU) to one fp16 ulp; the set of
 patched layers is the file's; `para inspect` and Merge PaRa read the file.
 
-Needs sd-scripts: KOHYA_PATH (its source tree) and a Python with its requirements, KOHYA_PYTHON (default: this
-one). Skipped with the reason when absent; COMFYUI_PARA_REQUIRE_KOHYA=1 (CI, `.ci/kohya`) makes that a failure.
+Needs sd-scripts (KOHYA_PATH: its source tree) and ComfyUI (COMFYUI_PATH) in one Python with both their
+requirements, as `.ci/kohya` builds it. Skipped with the reason when absent; COMFYUI_PARA_REQUIRE_KOHYA=1 (CI)
+makes that a failure.
 ``init=random``: the default small_sv init of a full-size SD1.5 takes minutes on a CPU and is tested on its own
 (tests/test_kohya.py); the file format and the merge do not depend on the init.
 """
@@ -22,32 +23,16 @@ import sys
 import pytest
 import torch
 
-from harness import REPO_ROOT, ulp
 
-KOHYA = os.environ.get("KOHYA_PATH", "")
-KOHYA_PYTHON = os.environ.get("KOHYA_PYTHON", sys.executable)
-REQUIRE = os.environ.get("COMFYUI_PARA_REQUIRE_KOHYA") == "1"
-TOOLS = os.path.join(REPO_ROOT, "tests", "kohya", "sd_tools.py")
+from kohya_env import HERE, KOHYA, REPO, needs_kohya
 
-
-def _kohya_missing() -> str:
-    if not KOHYA or not os.path.isfile(os.path.join(KOHYA, "train_network.py")):
-        return "KOHYA_PATH does not point at an sd-scripts source tree"
-    r = subprocess.run([KOHYA_PYTHON, "-c", "import accelerate, diffusers, transformers"], capture_output=True, text=True)
-    if r.returncode:
-        return f"{KOHYA_PYTHON} lacks sd-scripts' requirements: {r.stderr.strip().splitlines()[-1:]}"
-    return ""
-
-
-_MISSING = _kohya_missing()
-if _MISSING and REQUIRE:
-    raise pytest.UsageError(f"COMFYUI_PARA_REQUIRE_KOHYA=1 but {_MISSING}")
-pytestmark = pytest.mark.skipif(bool(_MISSING), reason=f"needs sd-scripts: {_MISSING}")
+TOOLS = os.path.join(HERE, "sd_tools.py")
+pytestmark = needs_kohya()
 
 
 def _run(*args, cwd=None):
-    env = {**os.environ, "KOHYA_PATH": KOHYA, "PYTHONPATH": REPO_ROOT}
-    r = subprocess.run([KOHYA_PYTHON, *args], cwd=cwd, env=env, capture_output=True, text=True)
+    env = {**os.environ, "KOHYA_PATH": KOHYA, "PYTHONPATH": REPO}
+    r = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True)
     assert r.returncode == 0, f"{args[:2]} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     return r
 
@@ -71,7 +56,8 @@ def trained(comfy, tmp_path_factory):
     merged = os.path.join(work, "merged.safetensors")
     _run(TOOLS, "merge", ckpt, para, merged)
     import safetensors.torch
-    return {"ckpt": os.path.basename(ckpt), "para": para, "merged": safetensors.torch.load_file(merged)}
+    return {"ckpt": os.path.basename(ckpt), "ckpt_path": ckpt, "para": para,
+            "merged": safetensors.torch.load_file(merged)}
 
 
 def _comfy_key(ckpt_key: str) -> tuple[str, str]:
@@ -102,10 +88,12 @@ def test_load_para_patches_what_sd_scripts_merged(comfy, trained):
         part, ck_key = _comfy_key(k)
         keys[part][ck_key] = k
     assert len(keys["model"]) == 194 and len(keys["clip"]) == 72
+    from safetensors import safe_open
+    with safe_open(trained["ckpt_path"], "pt") as f:  # W0 as stored (fp16)
+        w0 = {k: f.get_tensor(k) for k in trained["merged"]}
     for part, index in ((0, "model"), (1, "clip")):
         patcher = comfy.output(lp.id, part)
         got = comfy.patched_state_dict(patcher, list(keys[index]))
-        base = comfy.base_state_dict(patcher, list(keys[index]))
         moved = 0
         for ckey, mkey in keys[index].items():
             want = trained["merged"][mkey].to(torch.float64)
@@ -117,12 +105,12 @@ def test_load_para_patches_what_sd_scripts_merged(comfy, trained):
                 tol = ulp(want, got[ckey].dtype) + 4 * ulp(want.abs().max(), torch.float32)
             err = (have - want).abs()
             assert bool((err <= tol).all()), f"{ckey}: max |ComfyUI - sd-scripts merge| = {float(err.max()):.3e}"
-            moved += bool((want - base[ckey].to(torch.float64)).abs().max() > 1e-3 * want.abs().max())
+            moved += bool((want - w0[mkey].to(torch.float64)).abs().max() > 1e-3 * want.abs().max())
         assert moved == len(keys[index]), f"{index}: only {moved} of {len(keys[index])} merged weights differ from W0"
 
 
 def test_inspect_and_merge_accept_the_file(comfy, trained):
-    r = subprocess.run([sys.executable, "-m", "para_core", "inspect", trained["para"]], cwd=REPO_ROOT,
+    r = subprocess.run([sys.executable, "-m", "para_core", "inspect", trained["para"]], cwd=REPO,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "layers:      266" in r.stdout and "ss_network_module: para_core.kohya" in r.stdout, r.stdout[:2000]
