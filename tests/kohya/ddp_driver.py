@@ -70,6 +70,8 @@ def main() -> None:
     from train_network import NetworkTrainer
     if a.device == "cpu":
         cpu_ddp_shim.install()
+    else:  # fp32 means fp32 on GPUs too: no TF32 in convs (cuDNN's default) or matmuls
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     accelerator = Accelerator(cpu=a.device == "cpu")
     unet, te = tiny_models()
     network = kohya.create_network(1.0, 4, 1.0, None, te, unet, targets="ExCA", rank_boundary="0",
@@ -92,7 +94,7 @@ def main() -> None:
     b0 = {n: layer.b.detach().cpu().clone() for n, layer in accelerator.unwrap_model(network).para.items()}
     for latents, noise, t, ids in loader:
         with accelerator.accumulate(network):
-            a_t = alphas[t].view(-1, 1, 1, 1).to(latents.device)
+            a_t = alphas.to(latents.device)[t].view(-1, 1, 1, 1)
             noisy = a_t.sqrt() * latents + (1 - a_t).sqrt() * noise
             cond = te(ids)[0]
             pred = unet(noisy, t, cond).sample

@@ -36,13 +36,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+DEVICE = os.environ.get("PARA_KOHYA_DEVICE", "cpu")  # gpu_check.sh: cuda (one GPU per process)
+
+
 def _drive(out: str, procs: int, batch: int, *extra: str) -> list[dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
     driver = os.path.join(HERE, "ddp_driver.py")
     launch = [sys.executable, driver] if procs == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", str(_free_port()), driver]
     env = {**os.environ, "KOHYA_PATH": KOHYA, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    r = subprocess.run([*launch, out, "--batch", str(batch), *extra], env=env, capture_output=True, text=True)
+    r = subprocess.run([*launch, out, "--batch", str(batch), "--device", DEVICE, *extra], env=env, capture_output=True, text=True)
     assert r.returncode == 0, f"driver failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     return [load_file(os.path.join(out, f"rank{i}.safetensors")) for i in range(procs)]
 
