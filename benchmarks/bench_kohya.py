@@ -3,8 +3,8 @@ data and settings: s/step, peak memory and file size side by side, ratios PaRa /
 
 Same layers: networks.lora's default set, i.e. every Linear / 1x1 conv inside the UNet's transformer blocks
 (``*.attentions.*``) and CLIP's attention and MLP linears; PaRa gets ``targets=all`` restricted to ``attentions``
-and ``rank_boundary=0`` (rank r everywhere, as LoRA). PaRa's ``projection`` is ``output`` (add ``--projection auto``
-to let it time both spaces). Methods run interleaved (lora, para, lora, para, ...); s/step is the median of the
+and ``rank_boundary=0`` (rank r everywhere, as LoRA). PaRa's ``projection`` is ``output`` (``--projection auto``
+lets it time both spaces), its init ``random`` (``--init small_sv``: minutes of set-up on a CPU, same s/step). Methods run interleaved (lora, para, lora, para, ...); s/step is the median of the
 steps after the first two (warm-up), ranges are min-max over the repeats.
 
     KOHYA_PATH=/path/to/sd-scripts python benchmarks/bench_kohya.py [--rank 4] [--steps 6] [--repeats 2]
@@ -44,6 +44,9 @@ def main() -> None:
     ap.add_argument("--ckpt")
     ap.add_argument("--mixed_precision", default="no")
     ap.add_argument("--projection", default="output")
+    ap.add_argument("--init", default="random",
+                    help="PaRa's init (default random: small_sv, the pack's default, costs minutes of set-up on a CPU "
+                         "for a full-size SD1.5 and does not change s/step)")
     a = ap.parse_args()
     if a.steps < 4:
         sys.exit("--steps must be at least 4 (the first 2 are warm-up)")
@@ -68,7 +71,7 @@ def main() -> None:
     methods = {
         "lora": ["--network_module", "networks.lora"],
         "para": ["--network_module", "para_core.kohya", "--network_args", "targets=all", r"exclude=^(?!.*attentions\.)",
-                 "rank_boundary=0", "init=small_sv", f"projection={a.projection}"],
+                 "rank_boundary=0", f"init={a.init}", f"projection={a.projection}"],
     }
     results: dict[str, list[dict]] = {m: [] for m in methods}
     for rep in range(a.repeats):
@@ -92,6 +95,7 @@ def main() -> None:
     mem_key = "cuda_peak" if gpu else "peak_rss"
     print(f"\nsd-scripts train_network.py, full-architecture SD1.5 (random weights), {a.resolution} px, batch {a.batch}, "
           f"rank {a.rank}, mixed_precision {a.mixed_precision}, AdamW, cached latents, text encoder trained, "
+          f"PaRa projection {a.projection}, init {a.init}, "
           f"{a.steps} steps (median of steps 3-{a.steps}), {a.repeats} interleaved repeats, "
           f"{'GPU' if gpu else 'CPU'}; memory: {'peak CUDA allocated' if gpu else 'peak RSS of the process'}\n")
     print("| | networks.lora | para_core.kohya | PaRa / LoRA |")

@@ -68,6 +68,8 @@ def _comfy_key(ckpt_key: str) -> tuple[str, str]:
 
 
 def test_load_para_patches_what_sd_scripts_merged(comfy, trained):
+    from harness import ulp  # tests/integration/harness.py, on sys.path once the comfy fixture ran
+
     from para_core import ParaModel
     para = ParaModel.load(trained["para"])
     assert all(n.startswith(("lora_unet_", "lora_te_")) for n in para.stages), "sd-scripts module names"
