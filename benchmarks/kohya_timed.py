@@ -12,6 +12,7 @@ import sys
 import time
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 out_json, script, *args = sys.argv[1:]
 stamps: list[float] = []
@@ -23,7 +24,7 @@ def _after_step(_opt, _args, _kwargs):
     stamps.append(time.perf_counter())
 
 
-torch.optim.optimizer.register_optimizer_step_post_hook(_after_step)
+register_optimizer_step_post_hook(_after_step)
 
 
 @atexit.register
