@@ -89,7 +89,8 @@ def main() -> None:
             results[m].append(rec)
 
     def rng(vals, fmt):
-        return fmt.format(min(vals)) if min(vals) == max(vals) else f"{fmt.format(min(vals))}-{fmt.format(max(vals))}"
+        lo, hi = fmt.format(min(vals)), fmt.format(max(vals))
+        return lo if lo == hi else f"{lo}-{hi}"
 
     gpu = any(r["cuda_peak"] for r in results["lora"])
     mem_key = "cuda_peak" if gpu else "peak_rss"
