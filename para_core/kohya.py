@@ -308,7 +308,10 @@ def create_network_from_weights(multiplier: float, file: str | None, vae, text_e
     ranks = {n: chain[0].shape[1] for n, chain in para.stages.items()}
     bases = {n: chain[0] for n, chain in para.stages.items()}
     rank = max(ranks.values(), default=1)
-    net = ParaKohyaNetwork(text_encoder, unet, rank, options, multiplier, ranks=ranks, bases=bases)
+    try:
+        net = ParaKohyaNetwork(text_encoder, unet, rank, options, multiplier, ranks=ranks, bases=bases)
+    except ParaShapeError as e:
+        raise ParaShapeError(f"{para.source}: {e}") from None
     return net, para
 
 
