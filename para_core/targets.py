@@ -27,6 +27,8 @@ family key     model classes                    cross-attention analogue (ExCA d
 ============== ================================ ========================================== ===============================================
 unet           SD1.x, SD2.x, SDXL (+refiner,    ``attn2`` (true cross-attention)           ``time_embed``, ``label_emb`` (SDXL pooled+size
                SSD-1B, Vega, KOALA, SVD, ...)                                              vector), resblocks' ``emb_layers``
+unet_diffusers the same UNet under diffusers       ``attn2``                                  ``time_embedding``, ``add_embedding``,
+               names (kohya sd-scripts' SD1.x)                                             resnets' ``time_emb_proj``
 mmdit          SD3 / SD3.5                      ``context_block`` (text stream: its attn   ``t_embedder``, ``y_embedder``, every
                                                 qkv/proj and mlp), ``context_embedder``    ``adaLN_modulation``
 flux           Flux.1 dev/schnell/fill, Flux.2, ``txt_attn``, ``txt_mlp`` (text stream of  ``time_in``, ``vector_in``, ``guidance_in``,
@@ -128,6 +130,11 @@ _RULES: dict[str, dict[str, str]] = {
         "embed": r"^(t_embedder|y_embedder)(\.|$)|(^|\.)adaLN_modulation\.",
         "self": r"\.x_block\.attn2?\.",
     },
+    "unet_diffusers": {  # sd-scripts' SD1.x UNet (library/original_unet.py): diffusers module names
+        "cross": r"\.attn2\.",
+        "embed": r"^(time_embedding|add_embedding)(\.|$)|\.time_emb_proj$",
+        "self": r"\.attn1\.",
+    },
     "flux": _FLUX,
     "auraflow": {
         "cross": r"^cond_seq_linear(\.|$)|^double_layers\.\d+\.(mlpC|attn\.w1[qkvo])(\.|$)",
@@ -228,7 +235,7 @@ def strip_prefix(name: str) -> str:
 
 
 def detect_layout(names: Iterable[str]) -> str:
-    """'unet', 'mmdit', 'flux' or 'generic', from the module names alone (for models whose ComfyUI classes
+    """'unet', 'unet_diffusers', 'mmdit', 'flux' or 'generic', from the module names alone (for models whose ComfyUI classes
     :func:`family_for_model` does not know)."""
     names = [strip_prefix(n) for n in names]
     if any(n.startswith("joint_blocks.") for n in names):
@@ -237,6 +244,9 @@ def detect_layout(names: Iterable[str]) -> str:
         return "flux"
     if any(n.startswith(("input_blocks.", "middle_block.", "output_blocks.")) for n in names):
         return "unet"
+    if any(re.match(r"(down_blocks|up_blocks)\.\d+\.(attentions|resnets)\.|mid_block\.(attentions|resnets)\.", n)
+           for n in names):  # diffusers' UNet (Stable Cascade's down_blocks.N.M are not this)
+        return "unet_diffusers"
     return "generic"
 
 

@@ -1,0 +1,30 @@
+"""Whether sd-scripts can run here, for the tests in this folder (see conftest.py)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+REQUIRE = os.environ.get("COMFYUI_PARA_REQUIRE_KOHYA") == "1"
+KOHYA = os.environ.get("KOHYA_PATH", "")
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+
+
+def kohya_missing() -> str:
+    """Why sd-scripts cannot run here ('' if it can): its source tree (KOHYA_PATH) and its requirements in this Python."""
+    if not KOHYA or not os.path.isfile(os.path.join(KOHYA, "train_network.py")):
+        return "KOHYA_PATH does not point at an sd-scripts source tree"
+    for mod in ("accelerate", "diffusers", "transformers", "safetensors"):
+        if importlib.util.find_spec(mod) is None:
+            return f"this Python lacks sd-scripts' requirement {mod}"
+    return ""
+
+
+def needs_kohya():
+    """A pytestmark: skip with the reason, or, under COMFYUI_PARA_REQUIRE_KOHYA=1, stop the run."""
+    missing = kohya_missing()
+    if missing and REQUIRE:
+        raise pytest.UsageError(f"COMFYUI_PARA_REQUIRE_KOHYA=1 but {missing}")
+    return pytest.mark.skipif(bool(missing), reason=f"needs sd-scripts: {missing}")

@@ -1,0 +1,124 @@
+"""sd-scripts trains a PaRa, ComfyUI loads it: the weights Load PaRa patches equal the network's merged weights.
+
+A generated full-architecture SD1.5 checkpoint (sd-scripts' own UNet / CLIP-L / VAE configs, random weights,
+fp16) is trained for 2 steps by sd-scripts' real ``train_network.py --network_module para_core.kohya`` (batch 2,
+64 px, text encoder trained too). sd-scripts then merges the file with the network's `merge_to`
+(`tests/kohya/sd_tools.py merge`, as sd-scripts' --base_weights does), and ComfyUI loads the same checkpoint and
+the same file through CheckpointLoaderSimple -> Load PaRa. Every patched UNet weight (fp32 in ComfyUI on CPU) must
+agree with the merged one to fp32 rounding, every CLIP weight (fp16 in ComfyUI on CPU) to one fp16 ulp; the set of
+patched layers is the file's; `para inspect` and Merge PaRa read the file.
+
+Needs sd-scripts (KOHYA_PATH: its source tree) and ComfyUI (COMFYUI_PATH) in one Python with both their
+requirements, as `.ci/kohya` builds it. Skipped with the reason when absent; COMFYUI_PARA_REQUIRE_KOHYA=1 (CI)
+makes that a failure.
+``init=random``: the default small_sv init of a full-size SD1.5 takes minutes on a CPU and is tested on its own
+(tests/test_kohya.py); the file format and the merge do not depend on the init.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+from kohya_env import HERE, KOHYA, REPO, needs_kohya
+
+TOOLS = os.path.join(HERE, "sd_tools.py")
+pytestmark = needs_kohya()
+
+
+def _run(*args, cwd=None):
+    env = {**os.environ, "KOHYA_PATH": KOHYA, "PYTHONPATH": REPO}
+    r = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, f"{args[:2]} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    return r
+
+
+@pytest.fixture(scope="module")
+def trained(comfy, tmp_path_factory):
+    """Checkpoint in ComfyUI's checkpoints folder, the trained PaRa in its para folder, sd-scripts' merged weights."""
+    work = str(tmp_path_factory.mktemp("kohya"))
+    ckpt = comfy.path("checkpoints", "kohya_sd15.safetensors")
+    _run(TOOLS, "tokenizer", os.path.join(work, "tok"))
+    _run(TOOLS, "images", os.path.join(work, "data"), "4")
+    _run(TOOLS, "sd15", ckpt)
+    _run(os.path.join(KOHYA, "train_network.py"), "--pretrained_model_name_or_path", ckpt,
+         "--train_data_dir", os.path.join(work, "data"), "--resolution", "64", "--output_dir", comfy.dirs["para"],
+         "--output_name", "kohya_para", "--save_model_as", "safetensors", "--network_module", "para_core.kohya",
+         "--network_dim", "4", "--network_args", "init=random", "projection=output", "--max_train_steps", "2",
+         "--learning_rate", "1e-3", "--optimizer_type", "AdamW", "--mixed_precision", "no",
+         "--tokenizer_cache_dir", os.path.join(work, "tok"), "--seed", "1", "--train_batch_size", "2",
+         "--caption_extension", ".txt", "--max_data_loader_n_workers", "0", "--cache_latents", cwd=work)
+    para = comfy.path("para", "kohya_para.safetensors")
+    merged = os.path.join(work, "merged.safetensors")
+    _run(TOOLS, "merge", ckpt, para, merged)
+    import safetensors.torch
+    return {"ckpt": os.path.basename(ckpt), "ckpt_path": ckpt, "para": para,
+            "merged": safetensors.torch.load_file(merged)}
+
+
+def _comfy_key(ckpt_key: str) -> tuple[str, str]:
+    if ckpt_key.startswith("model.diffusion_model."):
+        return "model", ckpt_key[len("model."):]
+    assert ckpt_key.startswith("cond_stage_model.transformer."), ckpt_key
+    return "clip", "clip_l." + ckpt_key[len("cond_stage_model."):]
+
+
+def test_load_para_patches_what_sd_scripts_merged(comfy, trained):
+    from harness import ulp  # tests/integration/harness.py, on sys.path once the comfy fixture ran
+
+    from para_core import ParaModel
+    para = ParaModel.load(trained["para"])
+    assert all(n.startswith(("lora_unet_", "lora_te_")) for n in para.stages), "sd-scripts module names"
+    n_te = sum(n.startswith("lora_te_") for n in para.stages)
+    assert n_te == 72 and len(para.stages) == 266, (n_te, len(para.stages))  # ExCA on SD1.5 + CLIP-L attention/MLP
+
+    g = comfy.graph()
+    ck = g.node("CheckpointLoaderSimple", ckpt_name=trained["ckpt"])
+    lp = g.node("PaRaLoader", model=ck.out(0), clip=ck.out(1), para_name=os.path.basename(trained["para"]),
+                strength_model=1.0, strength_clip=1.0)
+    g.node("PreviewAny", source=lp.out(0))
+    g.node("PreviewAny", source=lp.out(1))
+    ui = comfy.run(g.finalize())
+    assert "model: 194 layers patched, clip: 72 layers patched" in ui[lp.id]["text"][0], ui[lp.id]["text"]
+
+    keys = {"model": {}, "clip": {}}
+    for k in trained["merged"]:
+        part, ck_key = _comfy_key(k)
+        keys[part][ck_key] = k
+    assert len(keys["model"]) == 194 and len(keys["clip"]) == 72
+    from safetensors import safe_open
+    with safe_open(trained["ckpt_path"], "pt") as f:  # W0 as stored (fp16)
+        w0 = {k: f.get_tensor(k) for k in trained["merged"]}
+    for part, index in ((0, "model"), (1, "clip")):
+        patcher = comfy.output(lp.id, part)
+        got = comfy.patched_state_dict(patcher, list(keys[index]))
+        moved = 0
+        for ckey, mkey in keys[index].items():
+            want = trained["merged"][mkey].to(torch.float64)
+            have = got[ckey].to(torch.float64)
+            assert have.shape == want.shape, (ckey, have.shape, want.shape)
+            if got[ckey].dtype == torch.float32:  # UNet: the same fp32 math on the same fp16-stored W0 and Q
+                tol = 4 * ulp(want.abs().max(), torch.float32)
+            else:  # CLIP on CPU is fp16 in ComfyUI: its patched weight is the fp32 result rounded to fp16
+                tol = ulp(want, got[ckey].dtype) + 4 * ulp(want.abs().max(), torch.float32)
+            err = (have - want).abs()
+            assert bool((err <= tol).all()), f"{ckey}: max |ComfyUI - sd-scripts merge| = {float(err.max()):.3e}"
+            moved += bool((want - w0[mkey].to(torch.float64)).abs().max() > 1e-3 * want.abs().max())
+        assert moved == len(keys[index]), f"{index}: only {moved} of {len(keys[index])} merged weights differ from W0"
+
+
+def test_inspect_and_merge_accept_the_file(comfy, trained):
+    r = subprocess.run([sys.executable, "-m", "para_core", "inspect", trained["para"]], cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "layers:      266" in r.stdout and "ss_network_module: para_core.kohya" in r.stdout, r.stdout[:2000]
+    g = comfy.graph()
+    lf = g.node("PaRaLoadFile", para_name=os.path.basename(trained["para"]))
+    mg = g.node("PaRaMerge", para_a=lf.out(0), para_b=lf.out(0), mode="union")
+    g.node("PreviewAny", source=mg.out(0))
+    ui = comfy.run(g.finalize())
+    assert "union merge: 266 layers" in ui[mg.id]["text"][0], ui[mg.id]["text"]
