@@ -231,8 +231,10 @@ class _Steps:
         self.cu.set_progress_bar_global_hook(self.old)
 
 
-@pytest.mark.parametrize("prefix", ["../../x", "para/a\0b", "", ".", "..", "para/..", "para/", "para/" + "x" * 300])
+@pytest.mark.parametrize("prefix", ["../../x", "../escape", "para/a\0b", "", ".", "..", "para/..", "para/", "/tmp/x",
+                                    "para/" + "x" * 300])
 def test_bad_filename_prefix_fails_before_training(comfy, sd15, helpers, prefix):
+    """Refused by ComfyUI's validation of the prompt (validate_inputs), with the one prefix message Save PaRa uses."""
     before = set(os.listdir(comfy.dirs["output"]))
     g = comfy.graph()
     tr = _train_graph(g, _sd15_model(g, sd15).out(0), steps=50, save_every=1, filename_prefix=prefix)
@@ -240,7 +242,36 @@ def test_bad_filename_prefix_fails_before_training(comfy, sd15, helpers, prefix)
     with _Steps() as steps:
         msg = comfy.run_failing(g.finalize())
     assert steps == [], f"training started before the prefix was refused: {msg}"
-    assert "\n" not in msg and f"filename_prefix {prefix!r}" in msg, msg
+    shown = prefix if len(prefix) <= 80 else prefix[:77] + "..."
+    assert msg.startswith("validation failed: ") and "\n" not in msg, msg
+    assert f"node {tr.id} (PaRaTrainer): Custom validation failed for node: filename_prefix - Train PaRa: " \
+           f"filename_prefix {shown!r} cannot be used: " in msg, msg
+    assert "such as 'para/my_subject' (plain names, at most 200 bytes)" in msg, msg
+    assert set(os.listdir(comfy.dirs["output"])) == before
+
+
+@pytest.mark.parametrize("other_output", [False, True])
+def test_bad_save_para_prefix_downstream_stops_training_before_it_starts(comfy, sd15, helpers, other_output):
+    """Train PaRa -> Save PaRa('../escape'): Save PaRa fails ComfyUI's validation, so nothing runs; with another
+    valid output (ComfyUI then runs the rest of the prompt) Train PaRa refuses to start, naming the Save node."""
+    before = set(os.listdir(comfy.dirs["output"]))
+    g = comfy.graph()
+    tr = _train_graph(g, _sd15_model(g, sd15).out(0), steps=50)
+    sv = g.node("PaRaSave", para=tr.out(1), filename_prefix="../escape")
+    if other_output:
+        g.node("PreviewAny", source=tr.out(3))
+    with _Steps() as steps:
+        msg = comfy.run_failing(g.finalize())
+    assert steps == [], f"training ran: {msg}"
+    if other_output:
+        assert msg == (f"PaRaTrainer (node {tr.id}): ValueError: Train PaRa: not started: Save PaRa (node {sv.id}) cannot "
+                       "save what this node trains: filename_prefix '../escape' cannot be used: every part between slashes "
+                       "must be a plain name (no empty part, '.' or '..'); use a relative path under the output folder "
+                       "such as 'para/my_subject' (plain names, at most 200 bytes)"), msg
+    else:
+        assert msg.startswith("validation failed: ") and "\n" not in msg, msg
+        assert (f"node {sv.id} (PaRaSave): Custom validation failed for node: filename_prefix - Save PaRa: filename_prefix "
+                "'../escape' cannot be used: every part between slashes must be a plain name") in msg, msg
     assert set(os.listdir(comfy.dirs["output"])) == before
 
 
