@@ -494,6 +494,7 @@ class Trainer:
         cfg = self.cfg
         existing, start_step, state = self._existing()
         total = start_step + cfg.steps
+        self.done, self.total = start_step, total
         if cfg.save_every > 0:
             self.out_folder, self.out_name = _check_prefix(cfg.filename_prefix)
         if existing is not None:
@@ -571,7 +572,7 @@ class Trainer:
                                     check=comfy.model_management.throw_exception_if_processing_interrupted)
                 for step in range(start_step, total):
                     loop.step(step)
-                    done = step + 1
+                    done = self.done = step + 1
                     if done % CHECK_EVERY == 0:
                         network.check()
                     preview = None
@@ -600,6 +601,15 @@ class Trainer:
         self.network = network
         self.total_steps = total
         return para
+
+    def cancelled_text(self) -> str:
+        """What the node says after Cancel: the step it stopped at and the checkpoint it kept, if any."""
+        text = f"cancelled at step {getattr(self, 'done', 0)}/{getattr(self, 'total', self.cfg.steps)}"
+        if self.saved:
+            kept = os.path.relpath(self.saved[-1], folder_paths.get_output_directory()).replace(os.sep, "/")
+            return f"{text}\nkept {kept}\n(continue it with existing_para)"
+        why = "save_every is 0" if self.cfg.save_every <= 0 else f"save_every {self.cfg.save_every} not reached"
+        return f"{text}\nno file kept ({why})"
 
     def _report(self, done_here, steps, done, total, loss, pbar, preview):
         pbar.update_absolute(done_here, steps, preview)
@@ -783,7 +793,13 @@ class PaRaTrainer(io.ComfyNode):
         if bad_save:
             raise ValueError(f"Train PaRa: not started: {bad_save}")
         trainer = Trainer(_first(model), latents, positive, cfg, vae=_first(vae), node_id=node_id)
-        para = trainer.run()
+        try:
+            para = trainer.run()
+        except comfy.model_management.InterruptProcessingException:
+            text = trainer.cancelled_text()  # replaces "step 5/200 loss ..." on the node
+            log.info("Train PaRa: %s", text.replace("\n", "; "))
+            ui_text.report(cls, text)
+            raise
         out_model, _clip, text = apply_para(para, _first(model), None, 1.0, 1.0)
         losses = trainer.loss_map["loss"]
         # the key facts first: the node's text box shows about two lines before it scrolls

@@ -303,9 +303,19 @@ def test_existing_para_that_does_not_fit_fails_before_training(comfy, sd15, help
 
 
 # ---- 4. cancel -----------------------------------------------------------------------------------------
-def test_cancel_stops_cleanly(comfy, sd15, helpers):
+def test_cancel_stops_cleanly(comfy, sd15, helpers, monkeypatch):
     import comfy.model_management as mm
     import comfy.utils as cu
+    import server
+
+    class Recorder:  # the in-process harness has no PromptServer instance: record the node's progress text
+        client_id = None
+        sent: list = []
+
+        def send_progress_text(self, text, node_id, sid=None):
+            self.sent.append((node_id, text))
+
+    monkeypatch.setattr(server.PromptServer, "instance", Recorder(), raising=False)
 
     base_before = comfy.base_state_dict(sd15["model"])
     before_files = set(_para_files(comfy))
@@ -328,6 +338,11 @@ def test_cancel_stops_cleanly(comfy, sd15, helpers):
         mm.interrupt_current_processing(False)
     assert any(ev == "execution_interrupted" for ev, _ in comfy.server.messages), msg
     assert max(calls) == 2, calls  # stopped within the step after the interrupt
+    # the node's last words: the cancel, the step, the checkpoint it kept (not "step 2/50 loss ...")
+    last = [t for nid, t in Recorder.sent if nid == tr.id][-1]
+    assert re.fullmatch(r"cancelled at step 2/50\nkept para/cancelled_2_steps_\d{5}_\.safetensors\n"
+                        r"\(continue it with existing_para\)", last), last
+    assert os.path.isfile(os.path.join(comfy.dirs["output"], last.split("\n")[1][len("kept "):]))
 
     after_files = set(_para_files(comfy)) - before_files
     assert all(PARA_DIR_FILES.match(f) and not re.search(r"tmp|partial", f) for f in after_files), after_files
