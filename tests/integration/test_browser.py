@@ -75,12 +75,13 @@ RUNNABLE_CKPT = "v1-5-pruned-emaonly.safetensors"
 
 
 @pytest.fixture(scope="module")
-def server(comfy, sd15):
-    """ComfyUI serving the harness's folders, with model files under the names the example workflows use."""
+def server(comfy):
+    """ComfyUI serving the harness's folders, with model files under the names the example workflows use.
+    Only files are made in this process (no prompt runs in-process): the server is the ComfyUI under test."""
     g = torch.Generator().manual_seed(800)
     ckpt = os.path.join(comfy.dirs["checkpoints"], RUNNABLE_CKPT)
     if not os.path.exists(ckpt):
-        os.symlink(comfy.path("checkpoints", sd15["ckpt"]), ckpt)
+        os.symlink(comfy.path("checkpoints", comfy.sd15_checkpoint()), ckpt)
     a = {LIN: [torch.randn(320, 8, generator=g)], FF: [torch.randn(2560, 8, generator=g)], TEQ: [torch.randn(768, 4, generator=g)]}
     b = {LIN: [torch.cat([a[LIN][0][:, :4], torch.randn(320, 4, generator=g)], 1)], FF: [torch.randn(2560, 4, generator=g)]}
     for name, stages in (("my_subject_para.safetensors", a), ("subject_a_para.safetensors", a), ("subject_b_para.safetensors", b)):
@@ -218,3 +219,56 @@ def test_every_pack_node_is_registered_in_the_front_end(server, page):
     assert {"PaRaLoader", "PaRaLoadFile", "PaRaApply", "PaRaMerge", "PaRaLoRACombine", "PaRaSave", "PaRaHook", "PaRaTrainer"} <= set(ours)
     registered = page.evaluate("""ids => Object.fromEntries(ids.map(id => [id, LiteGraph.registered_node_types[id]?.title ?? null]))""", list(ours))
     assert registered == ours
+
+
+def _text_box(pg, node_id: str):
+    """The progress-text widget of a node as the page lays it out: its text, and whether it is clipped (a DOM
+    textarea whose content is taller than its box)."""
+    return pg.evaluate("""([id, name]) => { const n = window.app.graph.getNodeById(Number(id));
+        const w = (n.widgets || []).find(w => w.name === name); if (!w) return null;
+        const e = w.element || w.inputEl || null;
+        return {value: w.value ?? null, dom: !!e, scroll: e ? e.scrollHeight : null, client: e ? e.clientHeight : null,
+                node: [...n.size], computed: [...n.computeSize()]}; }""", [node_id, TEXT_WIDGET])
+
+
+def _clipped_lines(pg, text: str):
+    """Where the page cuts off `text` as its DOM draws it: [] when the whole text is visible, else
+    [[text top, text bottom, visible top, visible bottom]] for each place an ancestor with overflow other than
+    visible (a scroll box, a clip) shows less than the text's box. Fails if the text is not in the DOM."""
+    res = pg.evaluate("""t => {
+        const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+        const els = new Set(); let n;
+        while ((n = walker.nextNode())) if (n.textContent.includes(t.slice(0, 20))) els.add(n.parentElement);
+        if (!els.size) return null;
+        const out = [];
+        for (const el of els) {
+            const r = el.getBoundingClientRect(); let bottom = Infinity, top = -Infinity;
+            for (let e = el.parentElement; e; e = e.parentElement) {
+                const st = getComputedStyle(e);
+                if (st.overflowY !== 'visible') { const q = e.getBoundingClientRect(); bottom = Math.min(bottom, q.bottom); top = Math.max(top, q.top); }
+            }
+            if (r.bottom > bottom + 1 || r.top < top - 1) out.push([r.top, r.bottom, top, bottom]);
+        }
+        return out; }""", text)
+    assert res is not None, f"the text {text[:40]!r} is not in the page's DOM"
+    return res
+
+
+def test_train_para_summary_with_a_preview_is_fully_visible(server, page):
+    """Train PaRa with preview_every: the preview image and the whole summary (not 2 of its 4 lines)."""
+    server.post("/free", {"unload_models": False, "free_memory": True})
+    _open_template(page, "para_train_subject")
+    tiny = dict(TINY, PaRaTrainer=dict(TINY["PaRaTrainer"], preview_every=1))
+    page.evaluate("""tiny => { for (const n of window.app.graph.nodes) for (const [k, v] of Object.entries(tiny[n.type] || {})) {
+        const w = (n.widgets || []).find(w => w.name === k); if (w) { w.value = v; w.callback?.(v); } } }""", tiny)
+    pid = _run(page, server)
+    tr = next(n for n in page.evaluate("window.app.graph.nodes.map(n => ({id: String(n.id), type: n.type}))") if n["type"] == "PaRaTrainer")
+    history = server.get(f"/history/{pid}")[pid]["outputs"][tr["id"]]
+    assert history.get("images"), "no preview image in the history"
+    page.wait_for_timeout(1000)
+    box = _text_box(page, tr["id"])
+    _shoot_node(page, "train_preview", tr["id"])
+    assert box["value"] == history["text"][0]
+    assert _clipped_lines(page, box["value"]) == [], f"Train PaRa's summary is cut off beside the preview: {_clipped_lines(page, box['value'])}"
+    assert page.evaluate("id => (window.app.graph.getNodeById(Number(id)).imgs || []).length", tr["id"]) > 0 or \
+        page.locator("img[src*='/view']").count() > 0, "the preview image is not shown"
