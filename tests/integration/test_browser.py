@@ -132,13 +132,20 @@ def page(server, tmp_path_factory):
         browser.close()
 
 
-def _open_template(pg, name: str) -> None:
-    """Templates -> Extensions -> comfyui-para -> the card of `name` (as a user does)."""
-    for _ in range(5):  # a dialog left open by an earlier failure must not break the next workflow's check
-        if pg.locator(".p-dialog:visible").count() == 0:
+def _close_dialogs(pg) -> None:
+    """Close what is open (1.49.6 opens the template browser on a fresh start; an earlier failure may leave a
+    dialog): the next check starts from the canvas."""
+    for _ in range(5):
+        if pg.locator(".p-dialog:visible, [role='dialog']:visible").count() == 0:
             break
+        pg.mouse.click(5, 500)  # focus the page, then Escape closes the dialog
         pg.keyboard.press("Escape")
         pg.wait_for_timeout(300)
+
+
+def _open_template(pg, name: str) -> None:
+    """Templates -> Extensions -> comfyui-para -> the card of `name` (as a user does)."""
+    _close_dialogs(pg)
     pg.evaluate("window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
     pg.get_by_role("button", name="comfyui-para", exact=True).first.click()
     card = pg.locator(f"[data-testid='template-workflow-{name}']")
@@ -206,6 +213,8 @@ def test_example_workflow_in_the_browser(server, page, name):
     _open_template(page, name)
     dialogs = page.locator(".p-dialog:visible")
     assert dialogs.count() == 0, f"{name}: a dialog opened on load: {dialogs.first.inner_text()[:300]!r}"
+    body = page.evaluate("document.body.innerText")
+    assert "Invalid workflow" not in body, f"{name}: the front end refuses part of the workflow: {body[body.index('Invalid workflow'):][:300]!r}"
     nodes = page.evaluate("""() => window.app.graph.nodes.map(n => ({id: String(n.id), type: n.type, title: n.title,
         known: !!LiteGraph.registered_node_types[n.type], widgets: (n.widgets || []).map(w => w.name)}))""")
     unknown = [n["type"] for n in nodes if not n["known"]]
@@ -354,16 +363,35 @@ def _errors_text(pg) -> str:
     return pg.evaluate("document.body.innerText")
 
 
+def _run_refused(pg, shot: str, message: str) -> None:
+    """Press Run on a prompt ComfyUI's validation refuses: the page shows `message` (the node's validation
+    message, in the error dialog or the Errors panel; opened with "View details" where the front end has it)."""
+    before = pg.evaluate("Object.keys(window.__paraRuns).length")
+    pg.get_by_role("button", name="Run", exact=True).first.click()
+    try:
+        pg.wait_for_function("m => document.body.innerText.includes(m)", arg=message, timeout=20_000)
+    except Exception:  # 1.49.6: the Errors panel lists "Load PaRa - para_name"; its (i) button expands the message
+        text = _errors_text(pg)
+        for info in pg.locator("button[aria-label^='Info for'][aria-expanded='false']").all():  # expands the details
+            info.click()
+            pg.wait_for_timeout(500)
+        text = pg.evaluate("document.body.innerText")
+        pg.screenshot(path=os.path.join(pg.screenshots, f"{shot}.png"))
+        assert message in text, f"Run: the page does not show {message!r}:\n{text[-1500:]}"
+    pg.screenshot(path=os.path.join(pg.screenshots, f"{shot}.png"))
+    assert pg.evaluate("Object.keys(window.__paraRuns).length") == before, "the refused prompt ran"
+
+
 def test_a_missing_para_file_is_reported_in_the_para_folder(server, page):
     """A shared workflow whose PaRa file is not here: where the front end lists missing models (1.49.6's Errors
-    panel) it is under 'para', not 'Unknown'; Run is refused by validation, naming the file and the folders."""
+    panel) it is under 'para', not 'Unknown' (web/para_nodes.js); Run is refused by validation, naming the file
+    and the folders."""
     with open(os.path.join(REPO_ROOT, "example_workflows", "para_personalised_generation.json"), encoding="utf-8") as f:
         wf = json.load(f)
     loader = next(n for n in wf["nodes"] if n["type"] == "PaRaLoader")
     loader["widgets_values"][0] = "absent_para.safetensors"
-    loader["properties"]["models"] = [{"name": "absent_para.safetensors", "directory": "para"}]
-    for _ in range(3):
-        page.keyboard.press("Escape")
+    page.wait_for_timeout(1000)
+    _close_dialogs(page)
     page.evaluate("wf => window.app.loadGraphData(wf)", wf)
     page.wait_for_timeout(2000)
     text = _errors_text(page)
@@ -371,10 +399,7 @@ def test_a_missing_para_file_is_reported_in_the_para_folder(server, page):
     if "absent_para.safetensors" in text:  # a front end that reports missing models on load (1.49.6)
         assert re.search(r"absent_para\.safetensors\s*\n\s*para\s*\n", text), text[-1500:]
         assert "Unknown" not in text, text[-1500:]
-    page.get_by_role("button", name="Run", exact=True).first.click()
-    page.wait_for_function("() => document.body.innerText.includes(\"PaRa file 'absent_para.safetensors' not found in the para folders\")",
-                           timeout=60_000)
-    page.screenshot(path=os.path.join(page.screenshots, "missing_para_run.png"))
+    _run_refused(page, "missing_para_run", "Load PaRa: PaRa file 'absent_para.safetensors' not found in the para folders")
 
 
 def test_load_para_without_any_para_file_shows_a_placeholder(server, comfy, page, tmp_path):
@@ -390,8 +415,6 @@ def test_load_para_without_any_para_file_shows_a_placeholder(server, comfy, page
                 moved.append((dest, folder))
                 os.makedirs(folder)
         assert server.get("/models/para") == []
-        for _ in range(3):
-            page.keyboard.press("Escape")
         _open_template(page, "para_personalised_generation")
         page.evaluate("window.app.extensionManager.command.execute('Comfy.RefreshNodeDefinitions')")
         page.wait_for_timeout(2000)
@@ -400,9 +423,7 @@ def test_load_para_without_any_para_file_shows_a_placeholder(server, comfy, page
         assert value == "no PaRa file yet (put one in models/para)", value
         page.evaluate("""v => { const n = window.app.graph.nodes.find(n => n.type === 'PaRaLoader');
             const w = n.widgets.find(w => w.name === 'para_name'); w.value = v; w.callback?.(v); }""", value)
-        page.get_by_role("button", name="Run", exact=True).first.click()
-        page.wait_for_function("() => document.body.innerText.includes('Load PaRa: no PaRa file chosen')", timeout=60_000)
-        page.screenshot(path=os.path.join(page.screenshots, "no_para_file_run.png"))
+        _run_refused(page, "no_para_file_run", "Load PaRa: no PaRa file chosen")
     finally:
         for dest, folder in moved:
             shutil.rmtree(folder, ignore_errors=True)
