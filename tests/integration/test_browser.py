@@ -184,6 +184,10 @@ def _run(pg, server) -> str:
     runs = pg.evaluate("window.__paraRuns")
     (pid,) = set(runs) - before
     assert runs[pid]["ok"], f"the prompt failed in the browser: {json.dumps(runs[pid].get('error'))[:800]}"
+    for _ in range(300):  # ComfyUI writes the history entry just after it sends execution_success
+        if pid in server.get(f"/history/{pid}"):
+            break
+        pg.wait_for_timeout(100)
     return pid
 
 
