@@ -6,6 +6,8 @@ host and this file does nothing, so the pure `para_core` package stays usable on
 """
 import sys
 
+WEB_DIRECTORY = "./web"  # front-end code: web/para_nodes.js (Train PaRa's text beside its preview)
+
 if __package__ and hasattr(sys.modules.get("nodes"), "NODE_CLASS_MAPPINGS"):
     from .nodes import comfy_entrypoint  # noqa: F401
 

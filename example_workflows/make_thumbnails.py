@@ -7,6 +7,11 @@ file is missing. So the readable title and one-line description live here and ar
 above a diagram of the workflow (its nodes at their canvas positions, PaRa nodes highlighted, links).
 The test models have random weights, so a generated image would show nothing.
 
+Front end 1.49.6 does the same and draws a "Node graph" badge over the top left corner of every thumbnail
+(about 180 x 48 px of the 384 px image, measured in Chromium; longer in other languages), so nothing is
+drawn above TITLE_TOP: the title starts below the badge (tests/integration/test_browser.py checks the
+badge's box against TITLE_TOP on the real card).
+
 Run with ComfyUI's Python (needs Pillow): python example_workflows/make_thumbnails.py
 """
 from __future__ import annotations
@@ -19,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SIZE = 384
+TITLE_TOP = 64  # px of the image kept free at the top for the front end's badges
 CARDS = {  # file name: (title, one-line description)
     "para_personalised_generation": ("Personalised generation", "Load a PaRa file and generate your subject."),
     "para_two_subjects_merged": ("Two subjects, merged", "Merge two PaRa (sequential vs union) into one model."),
@@ -57,8 +63,11 @@ def _wrap(draw, text: str, font, width: int) -> list[str]:
 def thumbnail(workflow: dict, title: str, description: str) -> Image.Image:
     img = Image.new("RGB", (SIZE, SIZE), BG)
     d = ImageDraw.Draw(img)
-    d.text((16, 14), title, font=_font(26), fill=TEXT)
-    y = 50
+    size = 26
+    while size > 16 and d.textlength(title, font=_font(size)) > SIZE - 32:  # the whole title on one line
+        size -= 1
+    d.text((16, TITLE_TOP), title, font=_font(size), fill=TEXT)
+    y = TITLE_TOP + size + 10
     for line in _wrap(d, description, _font(15), SIZE - 32):
         d.text((16, y), line, font=_font(15), fill=SUB)
         y += 20

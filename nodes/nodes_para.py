@@ -21,7 +21,7 @@ from ..para_core.errors import ParaError
 from ..para_core.format import ParaModel
 from ..para_core.lora import COMBINE_MODES
 from ..para_core.merge import MERGE_MODES, merge, subspace_overlap
-from . import folders, ui_text
+from . import folders, paths, ui_text
 from .patching import apply_para, apply_para_lora
 
 log = logging.getLogger(__name__)
@@ -150,14 +150,19 @@ class PaRaLoader(io.ComfyNode):
             inputs=[
                 _model_in(),
                 _clip_in(),
-                io.Combo.Input("para_name", options=folder_paths.get_filename_list("para"),
-                               tooltip="A .safetensors PaRa file from models/para or output/para."),
+                io.Combo.Input("para_name", options=paths.para_options(),
+                               tooltip="A .safetensors PaRa file from models/para or output/para (Save PaRa's files "
+                                       "first, then Train PaRa's save_every checkpoints, newest step first)."),
                 *_strength_inputs(),
                 _block_strength_in(),
             ],
             outputs=[*_outputs(), Para.Output(display_name="PARA", tooltip="The loaded PaRa, for Merge PaRa / PaRa + LoRA / Save PaRa.")],
             hidden=[ui_text.NODE_ID],
         )
+
+    @classmethod
+    def validate_inputs(cls, para_name=None):
+        return paths.para_name_problem(cls.DISPLAY, para_name)
 
     @classmethod
     def fingerprint_inputs(cls, para_name, **kwargs):
@@ -311,33 +316,10 @@ class PaRaLoRACombine(io.ComfyNode):
         return io.NodeOutput(m, c, ui=ui_text.report(cls, text))
 
 
-_MAX_PREFIX = 200
-
-
 def save_location(prefix: str, out_dir: str) -> tuple[str, str, str]:
-    """(folder, file name stem, subfolder) of a Save PaRa filename_prefix under `out_dir`.
-
-    The prefix must be a relative path of plain names ('para/my_subject'): no '', '.', '..' part, no NUL,
-    at most 200 characters. Raises ValueError, one line, naming the prefix.
-    """
-    why = ""
-    parts = re.split(r"[/\\]", prefix or "")
-    if not (prefix or "").strip():
-        why = "it is empty"
-    elif "\0" in prefix:
-        why = "it contains a NUL character"
-    elif len(prefix) > _MAX_PREFIX:
-        why = f"it is {len(prefix)} characters long (at most {_MAX_PREFIX})"
-    elif os.path.isabs(prefix) or prefix.startswith(("/", "\\")):
-        why = "it is an absolute path"
-    elif any(p in ("", ".", "..") or not p.strip() for p in parts):
-        why = "every part between slashes must be a plain name (no empty part, '.' or '..')"
-    if why:
-        shown = prefix if len(prefix or "") <= 60 else prefix[:57] + "..."
-        raise ValueError(f"Save PaRa: filename_prefix {shown!r} cannot be used: {why}; "
-                         f"use a relative path under the output folder such as 'para/my_subject'")
-    folder = os.path.join(out_dir, *parts[:-1])
-    return folder, parts[-1], "/".join(parts[:-1])
+    """(folder, file name stem, subfolder) of a Save PaRa filename_prefix under `out_dir` (the pack's one
+    prefix rule, nodes/paths.py). Raises ValueError, one line, naming the prefix."""
+    return paths.resolve_prefix("Save PaRa", prefix, out_dir)
 
 
 def next_number(folder: str, stem: str) -> int:
@@ -370,12 +352,18 @@ class PaRaSave(io.ComfyNode):
             inputs=[
                 Para.Input("para", tooltip="The PaRa to save."),
                 io.String.Input("filename_prefix", default="para/ComfyUI_para",
-                                tooltip="Relative path under the output folder (e.g. para/my_subject); "
-                                        "'_00001_.safetensors' and so on is appended."),
+                                tooltip="Relative path under the output folder (e.g. para/my_subject): plain names, "
+                                        "at most 200 bytes; '_00001_.safetensors' and so on is appended. Checked "
+                                        "before the prompt runs."),
             ],
             outputs=[],
             hidden=[ui_text.NODE_ID],
         )
+
+    @classmethod
+    def validate_inputs(cls, filename_prefix=None):
+        """Before any node of the prompt runs (a trainer upstream included)."""
+        return paths.validate_prefix("Save PaRa", filename_prefix)
 
     @classmethod
     def execute(cls, para, filename_prefix) -> io.NodeOutput:
@@ -413,11 +401,16 @@ class PaRaLoadFile(io.ComfyNode):
             description="Read a PaRa file from models/para or output/para and output it as PARA, without patching "
                         "any model: the input of Merge PaRa, PaRa + LoRA, Hook PaRa and Apply PaRa.",
             is_experimental=True,
-            inputs=[io.Combo.Input("para_name", options=folder_paths.get_filename_list("para"),
-                                   tooltip="A .safetensors PaRa file from models/para or output/para.")],
+            inputs=[io.Combo.Input("para_name", options=paths.para_options(),
+                                   tooltip="A .safetensors PaRa file from models/para or output/para (Save PaRa's files "
+                                           "first, then Train PaRa's save_every checkpoints, newest step first).")],
             outputs=[Para.Output(display_name="PARA", tooltip="The PaRa of the file.")],
             hidden=[ui_text.NODE_ID],
         )
+
+    @classmethod
+    def validate_inputs(cls, para_name=None):
+        return paths.para_name_problem("Load PaRa File", para_name)
 
     @classmethod
     def fingerprint_inputs(cls, para_name, **kwargs):

@@ -25,8 +25,9 @@ feed it unchanged. How it differs from the core trainer, and why:
   training state (B, optimizer state, loss history) in a safetensors sidecar ``<file>.para_state``,
   so a resumed run continues the same trajectory.
 * No host synchronisation per step: losses are read one step late (the progress text lags one step).
-* Bad inputs (a filename_prefix ComfyUI would refuse, an existing_para that does not fit) fail before
-  the model is loaded or any step runs, with one line naming the prefix or file, key and shapes.
+* Bad inputs (a filename_prefix the pack's prefix rule refuses, an existing_para that does not fit) fail before
+  the model is loaded or any step runs, with one line naming the prefix or file, key and shapes; a bad prefix
+  (here or on a Save PaRa this node feeds) already when ComfyUI validates the prompt (nodes/paths.py).
 * The MODEL output carries the result as ordinary weight patches (nodes.patching.apply_para) with
   exactly the bases a saved file reloads to - no training wrappers.
 """
@@ -56,11 +57,11 @@ from ..para_core.errors import ParaError
 from ..para_core.format import ParaModel, parse_training_metadata, stage_key
 from ..para_core.layer import DEFAULT_INIT, INITS, MODES, ParaLayer, ParaNetwork
 from ..para_core.targets import DEFAULT_GAMMA, DEFAULT_PRESET, PRESETS, TargetPlan, family_for_model, plan
-from ..para_core.train import (DTYPES, LOSS_FUNCTIONS, LOSS_SPACES, OPTIMIZERS, STATE_SUFFIX, TrainConfig,
+from ..para_core.train import (DTYPES, LOSS_FUNCTIONS, LOSS_SPACES, OPTIMIZERS, TrainConfig,
                                TrainingLoop, checkpoint_units, enable_checkpointing, loss_value, make_optimizer,
                                prediction_residual, prediction_scale, read_state, restore_optimizer, save_with_state,
                                stages_b, state_path, step_seed)
-from . import folders, ui_text
+from . import folders, paths, ui_text
 from .patching import apply_para
 from .train_compat import training_compat
 
@@ -75,7 +76,6 @@ NONE = "[None]"
 DEFAULT_PREFIX = "para/ComfyUI_para_train"
 PREVIEW_STEPS = 12
 CHECK_EVERY = 50  # optimizer steps between validations of the bases (one host synchronisation each)
-NAME_MAX = 255  # bytes in one file name on the usual file systems (ext4, APFS, NTFS in UTF-16 units)
 
 # ---- data ----------------------------------------------------------------------------------------
 @dataclass
@@ -345,31 +345,18 @@ def _host_sampling(model_sampling):
 
 
 # ---- files ---------------------------------------------------------------------------------------------
-def _check_prefix(prefix: str, steps_digits: int) -> tuple[str, str]:
-    """(folder, file name) for `prefix` as ComfyUI's save nodes resolve it (%date% variables, sub-folders,
-    created if missing), checked before training: inside the output folder, no NUL, a real file name (not
-    '', '.', '..', not ending in a separator), names that fit NAME_MAX. One line naming the prefix."""
-    bad = f"Train PaRa: filename_prefix {prefix!r}"
-    if "\0" in prefix:
-        raise ValueError(f"{bad} contains a NUL character")
+def _check_prefix(prefix: str) -> tuple[str, str]:
+    """(folder, file name stem) of the save_every files, checked before the model is loaded: the pack's one
+    prefix rule (nodes/paths.py, also run by validate_inputs before the prompt starts), then the folder is
+    created and must be writable. One line naming the prefix or the folder."""
     out_dir = folder_paths.get_output_directory()
-    norm = os.path.normpath(prefix) if prefix else ""
-    filename = os.path.basename(norm)
-    if filename in ("", ".", "..") or prefix.endswith(("/", os.sep)):
-        raise ValueError(f"{bad} has no file name part (give e.g. para/my_subject)")
-    folder = os.path.abspath(os.path.join(out_dir, os.path.dirname(norm)))
-    if os.path.commonpath((os.path.abspath(out_dir), folder)) != os.path.abspath(out_dir):
-        raise ValueError(f"{bad} points outside the output folder {out_dir}")
+    folder, filename, _sub = paths.resolve_prefix("Train PaRa", prefix, out_dir)
     try:
-        folder, filename, _counter, _sub, _ = folder_paths.get_save_image_path(prefix, out_dir)
-    except Exception as e:  # its own refusal is a multi-line message; an OSError from creating the folder
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{bad} cannot be used: {first}") from None
-    longest = f"{filename}_{'9' * steps_digits}_steps_99999_{STATE_SUFFIX}"
-    if len(longest.encode("utf-8")) > NAME_MAX:
-        raise ValueError(f"{bad}: file names would be {len(longest.encode('utf-8'))} bytes, the limit is {NAME_MAX}")
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"Train PaRa: cannot create the folder {folder} for filename_prefix {prefix!r}: {e.strerror or e}") from None
     if not os.access(folder, os.W_OK):
-        raise ValueError(f"{bad}: the folder {folder} is not writable")
+        raise ValueError(f"Train PaRa: filename_prefix {prefix!r}: the folder {folder} is not writable")
     return folder, filename
 
 
@@ -507,8 +494,9 @@ class Trainer:
         cfg = self.cfg
         existing, start_step, state = self._existing()
         total = start_step + cfg.steps
+        self.done, self.total = start_step, total
         if cfg.save_every > 0:
-            self.out_folder, self.out_name = _check_prefix(cfg.filename_prefix, len(str(total)))
+            self.out_folder, self.out_name = _check_prefix(cfg.filename_prefix)
         if existing is not None:
             self._check_existing_fits(existing, _candidates(self.model.model))
         self.init_used = (parse_training_metadata(existing).get("init", "existing") if existing is not None else cfg.init)
@@ -584,7 +572,7 @@ class Trainer:
                                     check=comfy.model_management.throw_exception_if_processing_interrupted)
                 for step in range(start_step, total):
                     loop.step(step)
-                    done = step + 1
+                    done = self.done = step + 1
                     if done % CHECK_EVERY == 0:
                         network.check()
                     preview = None
@@ -613,6 +601,15 @@ class Trainer:
         self.network = network
         self.total_steps = total
         return para
+
+    def cancelled_text(self) -> str:
+        """What the node says after Cancel: the step it stopped at and the checkpoint it kept, if any."""
+        text = f"cancelled at step {getattr(self, 'done', 0)}/{getattr(self, 'total', self.cfg.steps)}"
+        if self.saved:
+            kept = os.path.relpath(self.saved[-1], folder_paths.get_output_directory()).replace(os.sep, "/")
+            return f"{text}\nkept {kept}\n(continue it with existing_para)"
+        why = "save_every is 0" if self.cfg.save_every <= 0 else f"save_every {self.cfg.save_every} not reached"
+        return f"{text}\nno file kept ({why})"
 
     def _report(self, done_here, steps, done, total, loss, pbar, preview):
         pbar.update_absolute(done_here, steps, preview)
@@ -735,7 +732,7 @@ class PaRaTrainer(io.ComfyNode):
                                 tooltip="Layers to leave out (regular expressions, comma or newline separated); wins over "
                                         "the preset and include. Tip for SD1.5/SDXL: ^diffusion_model\\.out\\. keeps the "
                                         "4-channel output conv whole (rank 1 there removes a quarter of the latent space)."),
-                io.Combo.Input("existing_para", options=[NONE] + folder_paths.get_filename_list("para"), default=NONE,
+                io.Combo.Input("existing_para", options=[NONE] + paths.para_files(), default=NONE,
                                optional=True,
                                tooltip="Continue training this PaRa file (its layers and ranks; the step count continues). "
                                        "Files written by save_every also restore the optimizer state, so the run continues "
@@ -748,7 +745,8 @@ class PaRaTrainer(io.ComfyNode):
                                      "(VAE-decoded if a vae is connected, else the latent preview). 0: off."),
                 io.Vae.Input("vae", optional=True, tooltip="Optional: decode previews with this VAE instead of the latent preview."),
                 io.String.Input("filename_prefix", default=DEFAULT_PREFIX, optional=True,
-                                tooltip="Where save_every files go, relative to the output folder."),
+                                tooltip="Where save_every files go, relative to the output folder (e.g. para/my_subject): "
+                                        "plain names, at most 200 bytes. Checked before the prompt runs."),
                 io.Combo.Input("init", options=list(INITS), default=DEFAULT_INIT, optional=True,
                                tooltip="How B starts. small_sv: the directions of each weight with the smallest singular "
                                        "values (the model barely changes at step 0). random: random directions. top_sv: "
@@ -765,8 +763,13 @@ class PaRaTrainer(io.ComfyNode):
                 LossMap.Output(display_name="loss_map", tooltip="Loss per step: connect Plot Loss Graph."),
                 io.Int.Output(display_name="steps", tooltip="Total training steps (including those of existing_para)."),
             ],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
+
+    @classmethod
+    def validate_inputs(cls, filename_prefix=None):
+        """Before any node of the prompt runs: the save_every prefix, by the pack's one rule."""
+        return paths.validate_prefix("Train PaRa", filename_prefix)
 
     @classmethod
     def execute(cls, model, latents, positive, batch_size, grad_accumulation_steps, steps, learning_rate, rank,
@@ -785,8 +788,18 @@ class PaRaTrainer(io.ComfyNode):
             init=_first(init, DEFAULT_INIT) or DEFAULT_INIT, projection=_first(projection, "auto") or "auto")
         hidden = getattr(cls, "hidden", None)
         node_id = getattr(hidden, "unique_id", None) if hidden is not None else None
+        # ComfyUI runs the valid outputs of a prompt whose Save PaRa failed validation: do not train for nothing
+        bad_save = paths.bad_save_downstream(getattr(hidden, "prompt", None), node_id)
+        if bad_save:
+            raise ValueError(f"Train PaRa: not started: {bad_save}")
         trainer = Trainer(_first(model), latents, positive, cfg, vae=_first(vae), node_id=node_id)
-        para = trainer.run()
+        try:
+            para = trainer.run()
+        except comfy.model_management.InterruptProcessingException:
+            text = trainer.cancelled_text()  # replaces "step 5/200 loss ..." on the node
+            log.info("Train PaRa: %s", text.replace("\n", "; "))
+            ui_text.report(cls, text)
+            raise
         out_model, _clip, text = apply_para(para, _first(model), None, 1.0, 1.0)
         losses = trainer.loss_map["loss"]
         # the key facts first: the node's text box shows about two lines before it scrolls

@@ -6,6 +6,7 @@ computed from the unpatched base weights in float64.
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -614,6 +615,52 @@ def test_para_folder_registration(comfy):
 
 
 
+def test_para_list_shows_final_files_first_then_checkpoints_newest_step_first(comfy):
+    """Train PaRa's save_every checkpoints do not crowd out the files a user saved: Save PaRa's files (and any
+    other file) first by name, then each run's `<run>_<step>_steps_NNNNN_` files, highest step first."""
+    names = ["order/zz_final_00001_.safetensors", "order/aa_run_5_steps_00001_.safetensors",
+             "order/aa_run_10_steps_00001_.safetensors", "order/aa_run_100_steps_00001_.safetensors",
+             "order/aa_run_100_steps_00002_.safetensors", "order/bb_run_20_steps_00001_.safetensors",
+             "order/aa_final_00001_.safetensors", "order/mine.safetensors"]
+    os.makedirs(comfy.path("para", "order"), exist_ok=True)
+    for n in names:
+        comfy.write_para(n, {LIN: [rand_b(320, 1, 161)]})
+    for node in ("PaRaLoader", "PaRaLoadFile"):
+        opts = comfy.nodes.NODE_CLASS_MAPPINGS[node].INPUT_TYPES()["required"]["para_name"][1]["options"]
+        ours = [o.replace("\\", "/") for o in opts if o.replace("\\", "/").startswith("order/")]
+        assert ours == ["order/aa_final_00001_.safetensors", "order/mine.safetensors", "order/zz_final_00001_.safetensors",
+                        "order/aa_run_100_steps_00001_.safetensors", "order/aa_run_100_steps_00002_.safetensors",
+                        "order/aa_run_10_steps_00001_.safetensors", "order/aa_run_5_steps_00001_.safetensors",
+                        "order/bb_run_20_steps_00001_.safetensors"], ours
+        finals = [o for o in opts if "_steps_" not in o]
+        assert opts[:len(finals)] == finals  # every final file before every checkpoint
+    existing = comfy.nodes.NODE_CLASS_MAPPINGS["PaRaTrainer"].INPUT_TYPES()["optional"]["existing_para"][1]["options"]
+    assert existing[0] == "[None]" and existing[1:] == opts
+
+
+@pytest.mark.parametrize("node", ["PaRaLoader", "PaRaLoadFile"])
+def test_para_name_placeholder_and_missing_file_fail_validation(comfy, sd15, node):
+    """With no PaRa file the list holds one placeholder (the front end shows it instead of `undefined`);
+    validation refuses it, and a file that is not there, in one line naming the folders."""
+    placeholder = next(m for k, m in sys.modules.items() if k.endswith("nodes.paths") and hasattr(m, "NO_FILE")).NO_FILE
+    assert not placeholder.endswith(".safetensors")  # never taken for a model file by the front end
+    import folder_paths
+    where = ", ".join(folder_paths.get_folder_paths("para"))
+    for name, needle in ((placeholder, "no PaRa file chosen: put a .safetensors PaRa file in one of " + where),
+                         ("gone.safetensors", "PaRa file 'gone.safetensors' not found in the para folders: " + where)):
+        g = comfy.graph()
+        if node == "PaRaLoader":
+            ck = g.node("CheckpointLoaderSimple", ckpt_name=sd15["ckpt"])
+            n = g.node(node, model=ck.out(0), para_name=name, strength_model=1.0, strength_clip=1.0)
+        else:
+            n = g.node(node, para_name=name)
+        g.node("PreviewAny", source=n.out(0))
+        msg = comfy.run_failing(g.finalize())
+        label = {"PaRaLoader": "Load PaRa", "PaRaLoadFile": "Load PaRa File"}[node]
+        assert msg.startswith("validation failed: ") and "\n" not in msg, msg
+        assert f"node {n.id} ({node}): Custom validation failed for node: para_name - {label}: {needle}" in msg, msg
+
+
 # ---- Load PaRa File ----------------------------------------------------------------------------------
 def test_load_para_file_needs_no_model(comfy, sd15, base):
     stages = {LIN: [rand_b(320, 4, 170)], TEQ: [rand_b(768, 2, 171)]}
@@ -719,9 +766,11 @@ def test_save_numbers_only_its_own_files(comfy, sd15):
 
 @pytest.mark.parametrize("prefix, why", [
     ("", "it is empty"), ("  ", "it is empty"), (".", "plain name"), ("..", "plain name"), ("../../x", "plain name"),
-    ("para/../../x", "plain name"), ("para//x", "plain name"), ("para/", "plain name"), ("/tmp/x", "absolute path"),
-    ("para/a\0b", "NUL character"), ("p" * 300, "300 characters long (at most 200)")])
+    ("../escape", "plain name"), ("para/../../x", "plain name"), ("para//x", "plain name"), ("para/", "plain name"),
+    ("/tmp/x", "absolute path"), ("C:/x", "absolute path"), ("para/a\0b", "NUL character"),
+    ("p" * 300, "300 bytes long (at most 200)"), ("para/" + "é" * 100, "205 bytes long (at most 200)")])
 def test_save_rejects_a_bad_prefix_with_one_clear_line(comfy, sd15, prefix, why):
+    """Refused when ComfyUI validates the prompt, before any node runs, in one line naming the prefix."""
     comfy.write_para("prefix.safetensors", {LIN: [rand_b(320, 2, 191)]})
 
     def files():
@@ -730,9 +779,24 @@ def test_save_rejects_a_bad_prefix_with_one_clear_line(comfy, sd15, prefix, why)
     before = files()
     prompt, sv = _save_graph(comfy, "prefix.safetensors", prefix)
     msg = comfy.run_failing(prompt)
-    assert msg.startswith(f"PaRaSave (node {sv.id}): ValueError: Save PaRa: filename_prefix "), msg
-    assert why in msg and "such as 'para/my_subject'" in msg and "\n" not in msg, msg
+    shown = prefix if len(prefix) <= 80 else prefix[:77] + "..."
+    assert msg.startswith("validation failed: ") and "\n" not in msg, msg
+    assert f"node {sv.id} (PaRaSave): Custom validation failed for node: filename_prefix - Save PaRa: " \
+           f"filename_prefix {shown!r} cannot be used: " in msg, msg
+    assert why in msg and "such as 'para/my_subject' (plain names, at most 200 bytes)" in msg, msg
     assert files() == before, "a rejected prefix wrote something"
+
+
+def test_one_prefix_rule_for_save_and_train(comfy):
+    """Save PaRa and Train PaRa refuse the same prefixes with the same words (only the node name differs)."""
+    m = comfy.nodes.NODE_CLASS_MAPPINGS
+    for prefix in ("../escape", "", "/abs", "p" * 201, "para/ok/../x"):
+        save, train = m["PaRaSave"].validate_inputs(filename_prefix=prefix), m["PaRaTrainer"].validate_inputs(filename_prefix=[prefix])
+        assert isinstance(save, str) and save.startswith("Save PaRa: filename_prefix "), save
+        assert train == "Train PaRa" + save[len("Save PaRa"):], (save, train)
+    for prefix in ("para/my_subject", "p" * 200, "a/b/c d", None):
+        assert m["PaRaSave"].validate_inputs(filename_prefix=prefix) is True
+        assert m["PaRaTrainer"].validate_inputs(filename_prefix=[prefix]) is True
 
 
 def test_saved_file_keeps_the_process_umask(comfy, sd15):

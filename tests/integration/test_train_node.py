@@ -181,8 +181,10 @@ class _Steps:
         self.cu.set_progress_bar_global_hook(self.old)
 
 
-@pytest.mark.parametrize("prefix", ["../../x", "para/a\0b", "", ".", "..", "para/..", "para/", "para/" + "x" * 300])
+@pytest.mark.parametrize("prefix", ["../../x", "../escape", "para/a\0b", "", ".", "..", "para/..", "para/", "/tmp/x",
+                                    "para/" + "x" * 300])
 def test_bad_filename_prefix_fails_before_training(comfy, sd15, prefix):
+    """Refused by ComfyUI's validation of the prompt (validate_inputs), with the one prefix message Save PaRa uses."""
     before = set(os.listdir(comfy.dirs["output"]))
     g = comfy.graph()
     tr = _train_graph(g, _sd15_model(g, sd15).out(0), steps=50, save_every=1, filename_prefix=prefix)
@@ -190,7 +192,36 @@ def test_bad_filename_prefix_fails_before_training(comfy, sd15, prefix):
     with _Steps() as steps:
         msg = comfy.run_failing(g.finalize())
     assert steps == [], f"training started before the prefix was refused: {msg}"
-    assert "\n" not in msg and f"filename_prefix {prefix!r}" in msg, msg
+    shown = prefix if len(prefix) <= 80 else prefix[:77] + "..."
+    assert msg.startswith("validation failed: ") and "\n" not in msg, msg
+    assert f"node {tr.id} (PaRaTrainer): Custom validation failed for node: filename_prefix - Train PaRa: " \
+           f"filename_prefix {shown!r} cannot be used: " in msg, msg
+    assert "such as 'para/my_subject' (plain names, at most 200 bytes)" in msg, msg
+    assert set(os.listdir(comfy.dirs["output"])) == before
+
+
+@pytest.mark.parametrize("other_output", [False, True])
+def test_bad_save_para_prefix_downstream_stops_training_before_it_starts(comfy, sd15, other_output):
+    """Train PaRa -> Save PaRa('../escape'): Save PaRa fails ComfyUI's validation, so nothing runs; with another
+    valid output (ComfyUI then runs the rest of the prompt) Train PaRa refuses to start, naming the Save node."""
+    before = set(os.listdir(comfy.dirs["output"]))
+    g = comfy.graph()
+    tr = _train_graph(g, _sd15_model(g, sd15).out(0), steps=50)
+    sv = g.node("PaRaSave", para=tr.out(1), filename_prefix="../escape")
+    if other_output:
+        g.node("PreviewAny", source=tr.out(3))
+    with _Steps() as steps:
+        msg = comfy.run_failing(g.finalize())
+    assert steps == [], f"training ran: {msg}"
+    if other_output:
+        assert msg == (f"PaRaTrainer (node {tr.id}): ValueError: Train PaRa: not started: Save PaRa (node {sv.id}) cannot "
+                       "save what this node trains: filename_prefix '../escape' cannot be used: every part between slashes "
+                       "must be a plain name (no empty part, '.' or '..'); use a relative path under the output folder "
+                       "such as 'para/my_subject' (plain names, at most 200 bytes)"), msg
+    else:
+        assert msg.startswith("validation failed: ") and "\n" not in msg, msg
+        assert (f"node {sv.id} (PaRaSave): Custom validation failed for node: filename_prefix - Save PaRa: filename_prefix "
+                "'../escape' cannot be used: every part between slashes must be a plain name") in msg, msg
     assert set(os.listdir(comfy.dirs["output"])) == before
 
 
@@ -225,6 +256,16 @@ def test_existing_para_that_does_not_fit_fails_before_training(comfy, sd15):
 def test_cancel_stops_cleanly(comfy, sd15, monkeypatch):
     import comfy.model_management as mm
     import comfy.utils as cu
+    import server
+
+    class Recorder:  # the in-process harness has no PromptServer instance: record the node's progress text
+        client_id = None
+        sent: list = []
+
+        def send_progress_text(self, text, node_id, sid=None):
+            self.sent.append((node_id, text))
+
+    monkeypatch.setattr(server.PromptServer, "instance", Recorder(), raising=False)
 
     # Newer ComfyUI throttles progress updates by wall time: turn that off, so the hook sees every step on any machine
     for name in ("PROGRESS_THROTTLE_MIN_INTERVAL", "PROGRESS_THROTTLE_MIN_PERCENT"):
@@ -252,6 +293,11 @@ def test_cancel_stops_cleanly(comfy, sd15, monkeypatch):
         mm.interrupt_current_processing(False)
     assert any(ev == "execution_interrupted" for ev, _ in comfy.server.messages), msg
     assert max(calls) == 2, calls  # stopped within the step after the interrupt
+    # the node's last words: the cancel, the step, the checkpoint it kept (not "step 2/50 loss ...")
+    last = [t for nid, t in Recorder.sent if nid == tr.id][-1]
+    assert re.fullmatch(r"cancelled at step 2/50\nkept para/cancelled_2_steps_\d{5}_\.safetensors\n"
+                        r"\(continue it with existing_para\)", last), last
+    assert os.path.isfile(os.path.join(comfy.dirs["output"], last.split("\n")[1][len("kept "):]))
 
     after_files = set(_para_files(comfy)) - before_files
     assert all(PARA_DIR_FILES.match(f) and not re.search(r"tmp|partial", f) for f in after_files), after_files
