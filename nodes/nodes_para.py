@@ -131,6 +131,20 @@ _BYPASS_NOTE = (" Bypass: the weights stay untouched and each patched layer's ou
                 "bypass LoRAs of the same layer.")
 
 
+def _patching_schema(cls, description: str, para_input, outputs) -> io.Schema:
+    """The schema Load PaRa, Apply PaRa and their bypass forms share: model, clip, the PaRa, strengths, blocks."""
+    return io.Schema(
+        node_id=cls.NODE_ID,
+        display_name=cls.DISPLAY,
+        category=CATEGORY,
+        description=description + (_BYPASS_NOTE if cls.BYPASS else ""),
+        is_experimental=True,
+        inputs=[_model_in(), _clip_in(), para_input, *_strength_inputs(), _block_strength_in()],
+        outputs=outputs,
+        hidden=[ui_text.NODE_ID],
+    )
+
+
 class PaRaLoader(io.ComfyNode):
     """Load a PaRa file and patch the model with it (the personalised model of the paper)."""
 
@@ -138,27 +152,14 @@ class PaRaLoader(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id=cls.NODE_ID,
-            display_name=cls.DISPLAY,
-            category=CATEGORY,
-            description="Personalise a model with a PaRa file (Parameter Rank Reduction, ICLR 2025): removes a learned "
-                        "low-rank subspace from each patched weight, W - Q(QᵀW). Chaining two loaders applies them in "
-                        "order (the paper's sequential merge); a LoRA loaded after it acts on the PaRa model."
-                        + (_BYPASS_NOTE if cls.BYPASS else ""),
-            is_experimental=True,
-            inputs=[
-                _model_in(),
-                _clip_in(),
-                io.Combo.Input("para_name", options=paths.para_options(),
-                               tooltip="A .safetensors PaRa file from models/para or output/para (Save PaRa's files "
-                                       "first, then Train PaRa's save_every checkpoints, newest step first)."),
-                *_strength_inputs(),
-                _block_strength_in(),
-            ],
-            outputs=[*_outputs(), Para.Output(display_name="PARA", tooltip="The loaded PaRa, for Merge PaRa / PaRa + LoRA / Save PaRa.")],
-            hidden=[ui_text.NODE_ID],
-        )
+        return _patching_schema(
+            cls, "Personalise a model with a PaRa file (Parameter Rank Reduction, ICLR 2025): removes a learned "
+                 "low-rank subspace from each patched weight, W - Q(QᵀW). Chaining two loaders applies them in "
+                 "order (the paper's sequential merge); a LoRA loaded after it acts on the PaRa model.",
+            io.Combo.Input("para_name", options=paths.para_options(),
+                           tooltip="A .safetensors PaRa file from models/para or output/para (Save PaRa's files "
+                                   "first, then Train PaRa's save_every checkpoints, newest step first)."),
+            [*_outputs(), Para.Output(display_name="PARA", tooltip="The loaded PaRa, for Merge PaRa / PaRa + LoRA / Save PaRa.")])
 
     @classmethod
     def validate_inputs(cls, para_name=None):
@@ -184,23 +185,10 @@ class PaRaApply(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id=cls.NODE_ID,
-            display_name=cls.DISPLAY,
-            category=CATEGORY,
-            description="Patch a model with a PaRa (for example the output of Merge PaRa): W - Q(QᵀW) per layer, "
-                        "stage by stage for a sequential merge." + (_BYPASS_NOTE if cls.BYPASS else ""),
-            is_experimental=True,
-            inputs=[
-                _model_in(),
-                _clip_in(),
-                Para.Input("para", tooltip="The PaRa to apply (from Load PaRa File, Load PaRa or Merge PaRa)."),
-                *_strength_inputs(),
-                _block_strength_in(),
-            ],
-            outputs=_outputs(),
-            hidden=[ui_text.NODE_ID],
-        )
+        return _patching_schema(
+            cls, "Patch a model with a PaRa (for example the output of Merge PaRa): W - Q(QᵀW) per layer, "
+                 "stage by stage for a sequential merge.",
+            Para.Input("para", tooltip="The PaRa to apply (from Load PaRa File, Load PaRa or Merge PaRa)."), _outputs())
 
     @classmethod
     def execute(cls, model, para, strength_model, strength_clip, clip=None, block_strength="") -> io.NodeOutput:
