@@ -263,7 +263,7 @@ def init_study_worker(cfg: dict) -> dict:
     pack = _import_pack()
     from importlib import import_module
     nt = import_module(f"{PACK}.nodes.nodes_train")
-    adapter = import_module(f"{PACK}.nodes.para_adapter")
+    adapter = import_module(f"{PACK}.nodes.patching")
     layer_mod = import_module(f"{PACK}.para_core.layer")
     targets = import_module(f"{PACK}.para_core.targets")
     assert pack is not None

@@ -64,7 +64,7 @@ def patch_times(comfyui: str, arch: str, ranks: list[int], reps: int) -> list[di
     import unets
     pack = bench_train._import_pack()
     from importlib import import_module
-    adapter = import_module(f"{bench_train.PACK}.nodes.para_adapter")
+    adapter = import_module(f"{bench_train.PACK}.nodes.patching")
     fmt = import_module(f"{bench_train.PACK}.para_core.format")
     targets = import_module(f"{bench_train.PACK}.para_core.targets")
     assert pack is not None

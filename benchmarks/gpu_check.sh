@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# GPU check for issue 9 (under 8 minutes on one GPU): full-size SD1.5 and SDXL UNets with random weights;
-# patch time vs LoraLoader, train s/step and peak memory vs core Train LoRA and vs the floor (SDXL at 1024 px,
-# bf16). Writes gpu_check.json (or $OUT/gpu_check.json) and prints a table.
+# GPU check (under 10 minutes on one GPU): full-size SD1.5 and SDXL UNets with random weights;
+# 1. (issue 9) patch time vs LoraLoader, train s/step and peak memory vs core Train LoRA and vs the floor (SDXL at
+#    1024 px, bf16). Writes gpu_check.json (or $OUT/gpu_check.json) and prints a table.
+# 2. (issue 13) dynamic VRAM: the PaRa-patched SDXL UNet sampled with ComfyUI allowed 3 GiB of VRAM (streamed,
+#    patched per layer through LowVramPatch / prefetch_prepared_value) against the same model fully loaded
+#    (benchmarks/gpu_dynamic_vram.py; needs a ComfyUI with dynamic VRAM, so it uses the newest archive found).
+#    Writes gpu_dynamic_vram.json.
 #
 #   benchmarks/gpu_check.sh              # on a machine with an NVIDIA GPU
 #   benchmarks/gpu_check.sh --cpu-smoke  # the same code on the CPU with tiny UNets (checks the script only)
@@ -85,3 +89,20 @@ limit=450
 if [[ $smoke == 1 ]]; then args+=(--cpu-smoke); limit=3600; fi
 timeout --kill-after=10 "$limit" "$py" "$here/gpu_check.py" "${args[@]}"
 echo "wrote $json"
+
+# ---- dynamic VRAM (ComfyUI 0.33 or later: $COMFYUI_DYNAMIC_PATH, else the 0.33.0 archive, else the ComfyUI above) ----
+dyn="${COMFYUI_DYNAMIC_PATH:-}"
+if [[ -z "$dyn" ]]; then
+  for tgz in "$repo/shared/comfyui/ComfyUI-0.33.0.tar.gz" "$repo/../shared/comfyui/ComfyUI-0.33.0.tar.gz"; do
+    if [[ -f "$tgz" ]]; then
+      mkdir -p "$work/dyn" && tar -xzf "$tgz" -C "$work/dyn"
+      dyn="$work/dyn/ComfyUI"
+      break
+    fi
+  done
+fi
+dyn="${dyn:-$comfy}"
+dargs=(--comfyui "$dyn" --out "$out_dir/gpu_dynamic_vram.json")
+if [[ $smoke == 1 ]]; then dargs+=(--cpu-smoke); fi
+timeout --kill-after=10 "$limit" "$py" "$here/gpu_dynamic_vram.py" "${dargs[@]}"
+echo "wrote $out_dir/gpu_dynamic_vram.json"

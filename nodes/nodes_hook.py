@@ -25,7 +25,8 @@ from ..para_core import blocks
 from ..para_core.errors import ParaError
 from . import ui_text
 from .nodes_para import _STRENGTH, CATEGORY, Para, _block_strength_in, para_line
-from .para_adapter import TEXT_ENCODER_PREFIXES, Resolution, block_multipliers, grouped_patches
+from .keys import TEXT_ENCODER_PREFIXES, Resolution, block_multipliers
+from .patching import grouped_patches
 
 
 class _ClipPatcherView:

@@ -1,6 +1,6 @@
 """PaRa inference nodes: load, apply, merge, combine with a LoRA, save.
 
-PaRa enters the model as weight patches (see para_adapter.py), the same mechanism as ComfyUI's LoRA
+PaRa enters the model as weight patches (see patching.py and weight_adapter/), the same mechanism as ComfyUI's LoRA
 loader: baked into the weights once when the model loads, undone bit-exactly when it unloads, no cost
 per sampling step.
 """
@@ -22,7 +22,7 @@ from ..para_core.format import ParaModel
 from ..para_core.lora import COMBINE_MODES
 from ..para_core.merge import MERGE_MODES, merge, subspace_overlap
 from . import folders, paths, ui_text
-from .para_adapter import apply_para, apply_para_lora
+from .patching import apply_para, apply_para_lora
 
 log = logging.getLogger(__name__)
 
@@ -125,18 +125,27 @@ def _outputs():
 
 
 # ---- nodes -------------------------------------------------------------------------------------
+_BYPASS_NOTE = (" Bypass: the weights stay untouched and each patched layer's output is projected instead, "
+                "y - s·QQᵀ(y - b) (the same result): for fp8 / quantized or offloaded models, where patching a "
+                "weight rounds it into the storage format. Costs a little per step; acts after weight patches and "
+                "bypass LoRAs of the same layer.")
+
+
 class PaRaLoader(io.ComfyNode):
     """Load a PaRa file and patch the model with it (the personalised model of the paper)."""
+
+    NODE_ID, DISPLAY, BYPASS = "PaRaLoader", "Load PaRa", False
 
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="PaRaLoader",
-            display_name="Load PaRa",
+            node_id=cls.NODE_ID,
+            display_name=cls.DISPLAY,
             category=CATEGORY,
             description="Personalise a model with a PaRa file (Parameter Rank Reduction, ICLR 2025): removes a learned "
                         "low-rank subspace from each patched weight, W - Q(QᵀW). Chaining two loaders applies them in "
-                        "order (the paper's sequential merge); a LoRA loaded after it acts on the PaRa model.",
+                        "order (the paper's sequential merge); a LoRA loaded after it acts on the PaRa model."
+                        + (_BYPASS_NOTE if cls.BYPASS else ""),
             is_experimental=True,
             inputs=[
                 _model_in(),
@@ -162,8 +171,8 @@ class PaRaLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model, para_name, strength_model, strength_clip, clip=None, block_strength="") -> io.NodeOutput:
         para = load_para_file(para_name)
-        m, c, text = _run(f"Load PaRa '{para_name}'", apply_para, para, model, clip, strength_model, strength_clip,
-                          block_strength or "")
+        m, c, text = _run(f"{cls.DISPLAY} '{para_name}'", apply_para, para, model, clip, strength_model, strength_clip,
+                          block_strength or "", cls.BYPASS)
         log.info("PaRa %s: %s", para_name, text)
         return io.NodeOutput(m, c, para, ui=ui_text.report(cls, text))
 
@@ -171,14 +180,16 @@ class PaRaLoader(io.ComfyNode):
 class PaRaApply(io.ComfyNode):
     """Patch a model with a PARA value (from Load PaRa or Merge PaRa)."""
 
+    NODE_ID, DISPLAY, BYPASS = "PaRaApply", "Apply PaRa", False
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="PaRaApply",
-            display_name="Apply PaRa",
+            node_id=cls.NODE_ID,
+            display_name=cls.DISPLAY,
             category=CATEGORY,
             description="Patch a model with a PaRa (for example the output of Merge PaRa): W - Q(QᵀW) per layer, "
-                        "stage by stage for a sequential merge.",
+                        "stage by stage for a sequential merge." + (_BYPASS_NOTE if cls.BYPASS else ""),
             is_experimental=True,
             inputs=[
                 _model_in(),
@@ -193,9 +204,21 @@ class PaRaApply(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, para, strength_model, strength_clip, clip=None, block_strength="") -> io.NodeOutput:
-        m, c, text = _run(f"Apply PaRa ({para.source})", apply_para, para, model, clip, strength_model, strength_clip,
-                          block_strength or "")
+        m, c, text = _run(f"{cls.DISPLAY} ({para.source})", apply_para, para, model, clip, strength_model, strength_clip,
+                          block_strength or "", cls.BYPASS)
         return io.NodeOutput(m, c, ui=ui_text.report(cls, text))
+
+
+class PaRaLoaderBypass(PaRaLoader):
+    """Load PaRa without touching the weights (ComfyUI's bypass mode, as core Load LoRA (Bypass))."""
+
+    NODE_ID, DISPLAY, BYPASS = "PaRaLoaderBypass", "Load PaRa (Bypass)", True
+
+
+class PaRaApplyBypass(PaRaApply):
+    """Apply PaRa without touching the weights (bypass mode)."""
+
+    NODE_ID, DISPLAY, BYPASS = "PaRaApplyBypass", "Apply PaRa (Bypass)", True
 
 
 class PaRaMerge(io.ComfyNode):
@@ -399,4 +422,4 @@ class PaRaLoadFile(io.ComfyNode):
         return io.NodeOutput(para, ui=ui_text.report(cls, para_line(para)))
 
 
-NODES = [PaRaLoader, PaRaLoadFile, PaRaApply, PaRaMerge, PaRaLoRACombine, PaRaSave]
+NODES = [PaRaLoader, PaRaLoaderBypass, PaRaLoadFile, PaRaApply, PaRaApplyBypass, PaRaMerge, PaRaLoRACombine, PaRaSave]

@@ -28,7 +28,7 @@ feed it unchanged. How it differs from the core trainer, and why:
 * Bad inputs (a filename_prefix the pack's prefix rule refuses, an existing_para that does not fit) fail before
   the model is loaded or any step runs, with one line naming the prefix or file, key and shapes; a bad prefix
   (here or on a Save PaRa this node feeds) already when ComfyUI validates the prompt (nodes/paths.py).
-* The MODEL output carries the result as ordinary weight patches (nodes.para_adapter.apply_para) with
+* The MODEL output carries the result as ordinary weight patches (nodes.patching.apply_para) with
   exactly the bases a saved file reloads to - no training wrappers.
 """
 from __future__ import annotations
@@ -62,7 +62,7 @@ from ..para_core.train import (DTYPES, LOSS_FUNCTIONS, LOSS_SPACES, OPTIMIZERS, 
                                prediction_residual, prediction_scale, read_state, restore_optimizer, save_with_state,
                                stages_b, state_path, step_seed)
 from . import folders, paths, ui_text
-from .para_adapter import apply_para
+from .patching import apply_para
 from .train_compat import training_compat
 
 log = logging.getLogger(__name__)

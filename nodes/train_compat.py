@@ -55,7 +55,9 @@ log = logging.getLogger(__name__)
 _IN_PLACE_SAFE = frozenset({"unet", "mmdit", "auraflow", "cosmos_predict2", "cascade", "pixart", "lumina2",
                             "qwen_image", "hidream", "wan"})
 
-_ROPE_PREFIXES = ("apply_rope", "rms_rope")
+# kitchen's model-math ops (not its quantization kernels): RoPE, and the fused RMSNorm + adaLN modulation that
+# ComfyUI 0.33's LTX / Lumina-style blocks call (`ck.rms_adaln`), equally without an autograd formula.
+_ROPE_PREFIXES = ("apply_rope", "rms_rope", "rms_adaln", "adaln")
 _MODULE_PREFIXES = ("comfy.", "comfy_extras.")
 
 

@@ -11,8 +11,11 @@ that computed it, and after a page reload shows it again once a run executes the
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from comfy_api.latest import io, ui
+
+from ..para_core.format import MatchReport
 
 log = logging.getLogger(__name__)
 
@@ -32,3 +35,13 @@ def report(cls, text: str) -> ui.PreviewText:
         except Exception as e:  # no server (scripts, the in-process tests): the history entry still carries it
             log.debug("PaRa: no progress text for node %s: %s", node_id, e)
     return ui.PreviewText(text)
+
+
+def describe(report: MatchReport, patched: Mapping[str, int], note: str = "", first: int = 3) -> str:
+    """The text a loader node shows: what was patched, what was skipped."""
+    parts = [", ".join(f"{side}: {n} layer{'' if n == 1 else 's'} patched" for side, n in patched.items())]
+    if report.unmatched:
+        parts.append(f"skipped {len(report.unmatched)} not in this model (first: {', '.join(report.unmatched[:first])})")
+    if note:
+        parts.append(note)
+    return "; ".join(parts)

@@ -191,8 +191,10 @@ def cheaper_mode(rank: int, k: int, n: int) -> str:
     return "output" if 6 * rank * n <= 6 * rank * k + k * n else "weight"
 
 
-def project_output(y: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None = None, channel_dim: int = -1) -> torch.Tensor:
-    """y' = y - Q Qᵀ (y - b) along channel_dim, in y's dtype. Equals the layer's output with W - QQᵀW.
+def project_output(y: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None = None, channel_dim: int = -1,
+                   strength: float = 1.0) -> torch.Tensor:
+    """y' = y - s·Q Qᵀ (y - b) along channel_dim, in y's dtype. Equals the layer's output with W - s·QQᵀW:
+    (W - s·QQᵀW)x + b = y - s·QQᵀ(y - b) for y = Wx + b. Training uses it (s = 1) and so does bypass mode.
 
     Written as two tiny layers - a linear (or 1x1 conv, for a conv's (B, C, ...) output) to r channels with
     bias -Qᵀb, and one back - because those are the fastest kernels for this shape forward and backward
@@ -200,15 +202,16 @@ def project_output(y: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None =
     """
     q = q.to(dtype=y.dtype, device=y.device)
     neg_qb = None if bias is None else -(bias.to(dtype=y.dtype, device=y.device) @ q)  # (r,)
+    back = -q if strength == 1 else q * -strength
     if channel_dim in (-1, y.ndim - 1):
         coef = F.linear(y, q.T, neg_qb)
-        return y + F.linear(coef, -q)  # (+ with -Q: backward needs no negation of a full-size gradient)
+        return y + F.linear(coef, back)  # (+ with -Q: backward needs no negation of a full-size gradient)
     if channel_dim == 1 and 3 <= y.ndim <= 5:
         conv = (F.conv1d, F.conv2d, F.conv3d)[y.ndim - 3]
         k = (1,) * (y.ndim - 2)
         coef = conv(y, q.T.reshape(q.shape[1], q.shape[0], *k), neg_qb)
-        return y + conv(coef, (-q).reshape(q.shape[0], q.shape[1], *k))
-    return project_output(y.movedim(channel_dim, -1), q, bias, -1).movedim(-1, channel_dim)
+        return y + conv(coef, back.reshape(q.shape[0], q.shape[1], *k))
+    return project_output(y.movedim(channel_dim, -1), q, bias, -1, strength).movedim(-1, channel_dim)
 
 
 def project_weight(w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

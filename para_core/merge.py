@@ -17,17 +17,33 @@ from dataclasses import dataclass
 import torch
 
 from .basis import principal_angle_cosines, span_union
-from .errors import ParaShapeError
+from .errors import ParaError, ParaShapeError
 from .format import ParaModel, max_rank
 
 MERGE_MODES = ("sequential", "union")
 
 
+def _check_base_models(models: list[ParaModel]) -> None:
+    """Files whose metadata names different base models (the trainer writes ``base_model``) are refused: their
+    layers may well have the same shapes (SD1.5 and SD2 UNets share most), but a merge fits neither model.
+    Names are compared ignoring case and spaces; a file that names none (another tool's) merges with any."""
+    first: tuple[str, ParaModel] | None = None
+    for m in models:
+        base = m.metadata.get("base_model")
+        if not base:
+            continue
+        if first is None:
+            first = (base, m)
+        elif base.strip().lower() != first[0].strip().lower():
+            raise ParaError(f"{first[1].source} was trained on base model '{first[0]}', {m.source} on '{base}': "
+                            "a merge of PaRa files for different base models fits neither")
+
+
 def _shared_metadata(models: list[ParaModel], mode: str) -> dict[str, str]:
     meta = {"merge_mode": mode, "merged_from": " + ".join(str(m.metadata.get("name", m.source)) for m in models)}
-    bases = {m.metadata.get("base_model") for m in models} - {None}
-    if len(bases) == 1:
-        meta["base_model"] = bases.pop()
+    bases = [m.metadata["base_model"] for m in models if m.metadata.get("base_model")]
+    if bases:  # all the same (_check_base_models): the first file's spelling
+        meta["base_model"] = bases[0]
     return meta
 
 
@@ -43,7 +59,8 @@ def _check_dims(models: list[ParaModel]) -> None:
 
 
 def _gather(models: list[ParaModel]) -> dict[str, list[torch.Tensor]]:
-    """module -> every stage of models[0], then of models[1], ... (after checking the models agree on dims)."""
+    """module -> every stage of models[0], then of models[1], ... (after checking the models agree on base model and dims)."""
+    _check_base_models(models)
     _check_dims(models)
     chains: dict[str, list[torch.Tensor]] = {}
     for m in models:

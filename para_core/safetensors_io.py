@@ -305,15 +305,33 @@ def atomic_output(path: str, force: bool = False) -> Iterator:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        if os.path.lexists(path) and not force:
-            raise ParaError(f"{path}: appeared while writing (use --force to overwrite)")
-        os.replace(tmp, path)
+        if force:
+            os.replace(tmp, path)
+        else:
+            _publish_new(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(e, OSError):
             raise ParaError(f"{path}: cannot write: {e.strerror or e}") from None
         raise
+
+
+def _publish_new(tmp: str, path: str) -> None:
+    """Put the finished temp file at `path` only if nothing is there, atomically: a hard link fails if the name
+    exists, however late the other file appeared (a check followed by a rename would overwrite a file that
+    appears between the two). Where the file system has no hard links, the check and the rename."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise ParaError(f"{path}: appeared while writing (use --force to overwrite)") from None
+    except OSError:  # no hard links on this file system (FAT, some network shares)
+        if os.path.lexists(path):
+            raise ParaError(f"{path}: appeared while writing (use --force to overwrite)") from None
+        os.replace(tmp, path)
+        return
+    with contextlib.suppress(OSError):  # the output is complete; a temp name left behind is only clutter
+        os.unlink(tmp)
 
 
 def data_order(entries: list[tuple[str, torch.dtype, tuple[int, ...]]]) -> list[int]:

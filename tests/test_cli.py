@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from reference import parallel64, project64
 
 from para_core import ParaModel, merge, safetensors_io
 from para_core.checkpoint import module_map
@@ -33,14 +34,6 @@ def sd15(tmp_path_factory):
     return d, ckpt, pa, pb, mapping
 
 
-def _ref_chain(w0, chains, s=1.0):
-    w = w0.to(torch.float64).reshape(w0.shape[0], -1)
-    for q in chains:
-        q = q.to(torch.float64)
-        w = w - s * q @ (q.T @ w)
-    return w.reshape(w0.shape)
-
-
 def _run(*args):
     return subprocess.run([sys.executable, "-m", "para_core", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
 
@@ -61,7 +54,7 @@ def test_bake_matches_float64_reference(sd15, tmp_path):
             assert torch.equal(got[key], base[key]), key  # untouched tensors copied unchanged
             continue
         changed += 1
-        ref = _ref_chain(base[key], chain, 0.8)
+        ref = project64(base[key], chain, 0.8)
         # exactly one fp16 rounding of the fp32 chain result
         assert (got[key].double() - ref).abs().max() <= ref.abs().max() * 2 ** -10, key
         assert got[key].dtype == torch.float16
@@ -86,7 +79,7 @@ def test_export_lora_reproduces_bake(sd15, tmp_path):
         r = sum(q.shape[1] for q in chain)
         assert up.shape[:2] == (base[key].shape[0], r) and down.shape == (r, *base[key].shape[1:]) and float(alpha) == r
         via_lora = base[key].double() + (up.double().flatten(1) @ down.double().flatten(1)).reshape(base[key].shape) * (float(alpha) / r)
-        ref = _ref_chain(base[key], chain)
+        ref = project64(base[key], chain)
         scale = base[key].double().abs().max()
         assert (via_lora - ref).abs().max() < scale * 2e-3, module
         assert (via_lora - out[key].double()).abs().max() < scale * 3e-3, module
@@ -108,7 +101,7 @@ def test_export_lora_exact_on_fp32_checkpoint(tmp_path):
     for m in shapes:
         w0 = base[mapping[m].key]
         via = w0.double() + lo[f"{m}.lora_up.weight"].double().flatten(1) @ lo[f"{m}.lora_down.weight"].double().flatten(1)
-        assert (via - _ref_chain(w0, para.stages[m], 0.5)).abs().max() < 1e-5
+        assert (via - project64(w0, para.stages[m], 0.5)).abs().max() < 1e-5
 
 
 def test_sdxl_text_encoders_including_fused_open_clip(tmp_path):
@@ -135,7 +128,7 @@ def test_sdxl_text_encoders_including_fused_open_clip(tmp_path):
         rows = slice(64 * i, 64 * (i + 1))
         m = g + "self_attn." + proj
         if m in para.stages:
-            ref = _ref_chain(base[fused][rows], para.stages[m])
+            ref = project64(base[fused][rows], para.stages[m])
             assert (got[fused][rows].double() - ref).abs().max() <= ref.abs().max() * 2 ** -10
         else:
             assert torch.equal(got[fused][rows], base[fused][rows])  # k rows untouched
@@ -271,7 +264,7 @@ def test_bake_non_fp16_checkpoints(tmp_path, dtype):
         if key not in patched:
             assert bytes(safetensors_io.tensor_bytes(got[key])) == bytes(safetensors_io.tensor_bytes(t)), key
             continue
-        ref = _ref_chain(t, para.stages[patched[key]], 0.7)
+        ref = project64(t, para.stages[patched[key]], 0.7)
         err = (got[key].double() - ref).abs()
         if dtype == torch.float32:
             assert float(err.max()) <= 1e-5 * float(ref.abs().max()), key
@@ -299,8 +292,8 @@ def test_export_lora_of_a_chain_with_strength(tmp_path):
         w0 = base[mapping[m].key]
         r = float(lo[f"{m}.alpha"])
         via = w0.double() + (float(r) / 11) * lo[f"{m}.lora_up.weight"].double().flatten(1) @ lo[f"{m}.lora_down.weight"].double().flatten(1)
-        ref = _ref_chain(w0, chain, 0.6)
+        ref = project64(w0, chain, 0.6)
         assert r == 11 and float((via - ref).abs().max()) < 1e-5 * float(ref.abs().max()), m
         # the stages overlap (random 6- and 5-dim subspaces of a 16/32-dim space), so chaining matters
-        wrong = _ref_chain(w0, chain[:1], 0.6) - 0.6 * chain[1].double() @ (chain[1].double().T @ w0.double())
+        wrong = parallel64(w0, chain, 0.6)
         assert float((wrong - ref).abs().max()) > 1e-3 * float(ref.abs().max()), m

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 import torch
-from reference import orth64
+from reference import random_orth64
 
 from para_core import ParaError, ParaFormatError, ParaModel, match_modules, merge
 from para_core import safetensors_io
@@ -14,7 +14,7 @@ from para_core.format import stage_key
 
 
 def _model(gen, modules=("diffusion_model.a.to_q", "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"), r=3):
-    return ParaModel.from_bases({m: [orth64(16, r, gen).float()] for m in modules}, {"base_model": "sd15"})
+    return ParaModel.from_bases({m: [random_orth64(16, r, gen).float()] for m in modules}, {"base_model": "sd15"})
 
 
 def test_keys_metadata_and_dtype(gen):
@@ -274,7 +274,7 @@ def test_fifo_and_directories_are_refused_without_blocking(tmp_path):
 
 def test_rank_equal_to_out_is_refused_everywhere(tmp_path, gen):
     """r = out would zero the layer: refused on load, on construction, and as the result of a union merge."""
-    q = orth64(4, 4, gen).float()
+    q = random_orth64(4, 4, gen).float()
     with pytest.raises(ParaFormatError, match=r"rank r=4 must be between 1 and 3 for out=4 .*every output direction"):
         ParaModel({"diffusion_model.x.para_q": q})
     a = ParaModel({"diffusion_model.x.para_q": q[:, :2].contiguous()}, source="a.safetensors")
@@ -285,7 +285,7 @@ def test_rank_equal_to_out_is_refused_everywhere(tmp_path, gen):
 
 
 def test_fp8_bases_are_upcast(tmp_path, gen):
-    q = orth64(16, 3, gen).float()
+    q = random_orth64(16, 3, gen).float()
     p = ParaModel({"diffusion_model.x.para_q": q.to(torch.float8_e4m3fn)})
     (got,) = p.stages["diffusion_model.x"]
     assert got.dtype == torch.float32 and float((got.T @ got - torch.eye(3)).abs().max()) < 1e-6

@@ -10,11 +10,12 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import project64, random_orth64
 from torch import nn
 
 from para_core.errors import ParaFormatError
 from para_core.format import ParaModel
-from para_core.layer import ParaNetwork, project_weight
+from para_core.layer import ParaNetwork
 from para_core.train import (STATE_FORMAT, TrainConfig, TrainingLoop, checkpoint_units, enable_checkpointing, loss_value,
                              make_optimizer, prediction_residual, prediction_scale, read_state, restore_optimizer,
                              save_with_state, stages_b, state_path, step_seed)
@@ -53,8 +54,8 @@ def _teacher(dtype=torch.float32) -> Tiny:
     with torch.no_grad():
         for name in TARGETS:
             m = getattr(t, name)
-            q = torch.linalg.qr(torch.randn(m.weight.shape[0], RANKS[name], generator=g, dtype=torch.float64))[0]
-            m.weight.copy_(project_weight(m.weight.double(), q).to(dtype))
+            q = random_orth64(m.weight.shape[0], RANKS[name], g)
+            m.weight.copy_(project64(m.weight, [q]).to(dtype))
     return t
 
 

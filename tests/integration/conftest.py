@@ -36,13 +36,19 @@ Fixture API (stable; the trainer tests use it too)
   UI-format workflow -> API prompt (widgets mapped in schema order, Note nodes dropped).
 * ``comfy.nodes``: ComfyUI's ``nodes`` module (``comfy.nodes.NODE_CLASS_MAPPINGS[...]``).
 
-Float64 references in harness.py (import them in tests: ``from harness import ...``): ``orth64(B)`` (Q with
-diag(R) > 0, the basis the PaRa format defines), ``project64(W, [B1, B2, ...], strength=1.0)`` (the sequential
-chain W_k = W_{k-1} - s·Q_kQ_kᵀW_{k-1}), ``union64([B1, B2])``, ``ulp(x, dtype)`` (spacing of dtype at |x|), and
-``REPO_ROOT``.
+Float64 references: tests/reference.py (``from reference import ...``; harness.py puts tests/ on sys.path and
+re-exports ``orth64, project64, union64, ulp``): ``orth64(B)`` (Q with diag(R) > 0, the basis the PaRa format
+defines), ``project64(W, [B1, B2, ...], strength=1.0)`` (the sequential chain W_k = W_{k-1} - s·Q_kQ_kᵀW_{k-1}),
+``parallel64``, ``union64([B1, B2])``, ``ulp(x, dtype)`` (spacing of dtype at |x|), ``assert_rel_close``.
+harness.py has ``bits_equal`` and ``REPO_ROOT``.
 
 ``sd15`` (session) -> dict with ``ckpt`` (file name), ``model``/``clip``/``vae`` Python objects from a
-CheckpointLoaderSimple run (shared by tests; clone before patching by hand) and ``loader_id``.
+CheckpointLoaderSimple run (shared by tests; clone before patching by hand) and ``loader_id``; it also hands its
+CLIP and VAE to the test-only loaders ParaTestTinyCheckpoint / ParaTestTinyCLIP.
+
+Test-only input nodes (input_nodes.py, registered by the harness when ComfyUI starts): ``ParaTestLatents``,
+``ParaTestConditioning``, ``ParaTestFamilyModel`` / ``Latents`` / ``Conditioning`` and the workflow loaders
+``ParaTestTinyCheckpoint``, ``ParaTestTinyUNet``, ``ParaTestTinyCLIP``, ``ParaTestTinyVAE16``.
 """
 from __future__ import annotations
 
@@ -88,6 +94,8 @@ def sd15(comfy) -> dict:
     loader = g.node("CheckpointLoaderSimple", ckpt_name=ckpt)
     g.node("PreviewAny", source=loader.out(0))
     comfy.run(g.finalize())
+    import input_nodes
+    input_nodes.SD15.update(clip=comfy.output(loader.id, 1), vae=comfy.output(loader.id, 2))  # for ParaTestTinyCLIP ...
     return {"ckpt": ckpt, "model": comfy.output(loader.id, 0), "clip": comfy.output(loader.id, 1),
             "vae": comfy.output(loader.id, 2), "loader_id": loader.id}
 

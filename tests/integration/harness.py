@@ -16,6 +16,7 @@ See conftest.py for the fixture API.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import os
@@ -26,6 +27,14 @@ from typing import Any
 import torch
 
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+TESTS_DIR = os.path.join(REPO_ROOT, "tests")
+if TESTS_DIR not in [os.path.abspath(p or ".") for p in sys.path]:
+    sys.path.append(TESTS_DIR)  # tests/reference.py, also when only tests/integration is run
+
+from reference import orth64, project64, union64, ulp  # noqa: E402,F401  (re-exported: `from harness import project64`)
+
+import input_nodes  # noqa: E402  (test-only input nodes, registered in ComfyHarness._start)
+
 GEN = torch.Generator().manual_seed(0)
 LRU_SIZE = 1024
 
@@ -61,6 +70,12 @@ def check_importable(path: str) -> str:
     finally:
         sys.path[:] = saved_path
     return ""
+
+
+def _cache_args(lru: int) -> dict:
+    """PromptExecutor's cache_args as ComfyUI's main.py passes them: every key any ComfyUI reads (0.8 reads `lru`
+    and `ram`; later ones also `ram_inactive`), RAM-pressure eviction off ("ram": 0 GB of headroom)."""
+    return {"lru": lru, "ram": 0, "ram_inactive": 0}
 
 
 class _StubServer:
@@ -130,11 +145,12 @@ class ComfyHarness:
             ok = asyncio.run(nodes.load_custom_node(REPO_ROOT, ignore=set(nodes.NODE_CLASS_MAPPINGS)))
             if not ok or "PaRaLoader" not in nodes.NODE_CLASS_MAPPINGS:
                 raise RuntimeError(f"ComfyUI could not load the pack at {REPO_ROOT} (see the log above)")
+            input_nodes.register(nodes.NODE_CLASS_MAPPINGS)
         self.server = _StubServer()
         # A large LRU: the whole suite runs in one process, and the `sd15` fixture's CheckpointLoaderSimple output must
         # stay the model later prompts get (test files with many model-free prompts, like the corpus, would push it
         # out of a small cache, and a reload gives new objects).
-        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.LRU, cache_args={"lru": LRU_SIZE, "ram": 0})
+        self.executor = execution.PromptExecutor(self.server, cache_type=execution.CacheType.LRU, cache_args=_cache_args(LRU_SIZE))
         self._last_executor = self.executor
 
     # ---- running prompts ---------------------------------------------------------------------------
@@ -143,7 +159,7 @@ class ComfyHarness:
         executor = self.executor
         if fresh_cache:
             executor = self.execution.PromptExecutor(self.server, cache_type=self.execution.CacheType.CLASSIC,
-                                                     cache_args={"lru": 0, "ram": 0})
+                                                     cache_args=_cache_args(0))
         self._last_executor = executor
         pid = str(uuid.uuid4())
         valid = asyncio.run(self.execution.validate_prompt(pid, prompt, None))
@@ -186,6 +202,8 @@ class ComfyHarness:
     def output(self, node_id: str, index: int = 0):
         """The Python value of output `index` of `node_id` after the last run (from ComfyUI's output cache)."""
         entry = self._last_executor.caches.outputs.get(str(node_id))
+        if inspect.isawaitable(entry):  # newer ComfyUI: the output cache's `get` is a coroutine
+            entry = asyncio.run(entry)
         if entry is None:
             raise KeyError(f"node {node_id} has no cached output (was it part of the last prompt?)")
         return entry.outputs[index][0]
@@ -445,33 +463,6 @@ def _clip_l_sd() -> dict[str, torch.Tensor]:
     return sd
 
 
-logging.getLogger(__name__).debug("harness imported")
-
-
-# ---- float64 references -------------------------------------------------------------------------------
-def orth64(b: torch.Tensor) -> torch.Tensor:
-    """Q of B = QR in float64 with diag(R) > 0: the unique orthonormal basis the PaRa format defines.
-
-    The projector QQᵀ does not depend on the choice, but PaRa + LoRA `product` mode does.
-    """
-    q, r = torch.linalg.qr(b.to(torch.float64))
-    return q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)
-
-
-def project64(w: torch.Tensor, bases: list[torch.Tensor], strength: float = 1.0) -> torch.Tensor:
-    """W_k = W_{k-1} - s·Q_kQ_kᵀW_{k-1} for each B_k in order, in float64, shaped like w."""
-    cur = w.to(torch.float64).reshape(w.shape[0], -1)
-    for b in bases:
-        q = orth64(b)
-        cur = cur - strength * q @ (q.T @ cur)
-    return cur.reshape(w.shape)
-
-
-def union64(bases: list[torch.Tensor]) -> torch.Tensor:
-    """Orthonormal basis of span(B_1 ∪ B_2 ∪ ...) in float64."""
-    u, s, _ = torch.linalg.svd(torch.cat([orth64(b) for b in bases], 1), full_matrices=False)
-    return u[:, s > 1e-10 * s.max()]
-
 
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit-for-bit equality, NaN payloads included. ComfyUI leaves weights a checkpoint does not have as
@@ -481,10 +472,4 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
             and torch.equal(a.detach().reshape(-1).view(torch.uint8), b.detach().reshape(-1).view(torch.uint8)))
 
 
-def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Spacing of `dtype` numbers at |x| (float64): the gap between the two representable neighbours of x."""
-    fi = torch.finfo(dtype)
-    mant = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23,
-            torch.float8_e4m3fn: 3, torch.float8_e5m2: 2}[dtype]
-    ax = x.to(torch.float64).abs().clamp_min(fi.smallest_normal)
-    return torch.exp2(torch.floor(torch.log2(ax)) - mant)
+logging.getLogger(__name__).debug("harness imported")

@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: corpus.py
 import corpus  # noqa: E402
 
-from harness import project64  # noqa: E402
+from reference import assert_rel_close, project64  # noqa: E402
 from para_core.errors import one_line  # noqa: E402
 
 LIN = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k"  # Linear 320 x 768
@@ -108,8 +108,7 @@ def test_corpus_through_load_para_and_comfy_keeps_serving(comfy, sd15):
     base = comfy.base_state_dict(sd15["model"], [LIN + ".weight"])[LIN + ".weight"]
     from para_core.format import ParaModel
     (q,) = ParaModel.load(comfy.path("para", f"{SUB}/ok_fp8_e5m2_b.safetensors")).stages[LIN]
-    ref = project64(base, [q.double()])
-    assert float((got.double() - ref).abs().max()) <= 2e-6 * float(ref.abs().max())
+    assert_rel_close(got, project64(base, [q.double()]), "fp8 e5m2 file after the corpus")
     print(f"corpus of {len(cases)} files through Load PaRa in {elapsed:.1f} s")
 
 

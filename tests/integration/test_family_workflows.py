@@ -2,7 +2,8 @@
 to an API prompt), with a few training steps on small images made at run time.
 
 ComfyUI's loaders cannot load a tiny SDXL or Flux (detection requires SDXL's exact depths [0,0,2,2,10,10] and
-Flux's hidden size 3072), so the loader nodes of the workflow are swapped for test-only loaders that return:
+Flux's hidden size 3072), so the loader nodes of the workflow are swapped for test-only loaders (input_nodes.py;
+the CLIP and the 4-channel VAE come from the `sd15` fixture) that return:
 the tiny SDXL / Flux of families.py (real ComfyUI model classes, sized for CLIP-L conditioning), the real
 CLIP-L of the tiny SD1.5 checkpoint as the text encoder (standing in for CLIP-G+L / CLIP-L+T5), and a TAESD
 VAE (4 latent channels for SDXL, 16 for Flux). Every other node - dataset, Train PaRa, Save PaRa, loss graph,
@@ -14,80 +15,16 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
-import families as F
-from harness import REPO_ROOT, _init_sd, write_subject_images
+from harness import REPO_ROOT, write_subject_images
 
 WORKFLOWS = os.path.join(REPO_ROOT, "example_workflows")
 
 
-
-
-def _taesd_vae(latent_channels: int):
-    import comfy.sd
-    import comfy.taesd.taesd
-    sd = _init_sd(comfy.taesd.taesd.TAESD(latent_channels=latent_channels))
-    sd.update(vae_scale=torch.tensor(1.0), vae_shift=torch.tensor(0.0))
-    return comfy.sd.VAE(sd=sd)
-
-
 @pytest.fixture(scope="module")
-def loaders(comfy, sd15):
-    """Test-only loader nodes (see the module docstring); registered once."""
-    clip, vae4 = sd15["clip"], sd15["vae"]
-    vae16 = _taesd_vae(16)
-
-    class TinyCheckpoint:
-        @classmethod
-        def INPUT_TYPES(cls):
-            return {"required": {"family": (list(F.FAMILIES),)}}
-        RETURN_TYPES = ("MODEL", "CLIP", "VAE")
-        FUNCTION = "load"
-        CATEGORY = "_for_testing"
-
-        def load(self, family):
-            return F.build(family), clip, vae4
-
-    class TinyUNet:
-        @classmethod
-        def INPUT_TYPES(cls):
-            return {"required": {"family": (list(F.FAMILIES),)}}
-        RETURN_TYPES = ("MODEL",)
-        FUNCTION = "load"
-        CATEGORY = "_for_testing"
-
-        def load(self, family):
-            return (F.build(family),)
-
-    class TinyCLIP:
-        @classmethod
-        def INPUT_TYPES(cls):
-            return {"required": {}}
-        RETURN_TYPES = ("CLIP",)
-        FUNCTION = "load"
-        CATEGORY = "_for_testing"
-
-        def load(self):
-            return (clip,)
-
-    class TinyVAE16:
-        @classmethod
-        def INPUT_TYPES(cls):
-            return {"required": {}}
-        RETURN_TYPES = ("VAE",)
-        FUNCTION = "load"
-        CATEGORY = "_for_testing"
-
-        def load(self):
-            return (vae16,)
-
-    m = comfy.nodes.NODE_CLASS_MAPPINGS
-    for name, cls in (("ParaTestTinyCheckpoint", TinyCheckpoint), ("ParaTestTinyUNet", TinyUNet),
-                      ("ParaTestTinyCLIP", TinyCLIP), ("ParaTestTinyVAE16", TinyVAE16)):
-        m.setdefault(name, cls)
+def subject_images(comfy):
+    """The workflows' dataset folder (my_subject_images): three small subject photos made at run time."""
     write_subject_images(os.path.join(comfy.dirs["input"], "wf_family_subject"), 3, 5)
-    return True
 
 
 SWAPS = {
@@ -99,7 +36,7 @@ SWAPS = {
 
 
 @pytest.mark.parametrize("name", sorted(SWAPS))
-def test_family_training_workflow_runs(comfy, loaders, name):
+def test_family_training_workflow_runs(comfy, sd15, subject_images, name):
     family, swaps = SWAPS[name]
     prompt = comfy.workflow_to_prompt(os.path.join(WORKFLOWS, name), values={"my_subject_images": "wf_family_subject"},
                                       overrides={"PaRaTrainer": {"steps": 3, "preview_every": 3, "save_every": 0,
@@ -124,6 +61,19 @@ def test_family_training_workflow_runs(comfy, loaders, name):
     assert saves and all(ui[nid]["text"][0].startswith("saved para/") for nid in saves)
     loss_graph = next(nid for nid, v in prompt.items() if v["class_type"] == "LossGraphNode")
     assert ui[loss_graph]["images"]
+
+
+def test_tiny_loaders_before_the_sd15_fixture_name_it(monkeypatch):
+    """The loaders that hand out the tiny SD1.5 CLIP / VAE, used before the `sd15` fixture filled them: a message
+    that says which fixture to request, not a KeyError."""
+    import input_nodes
+    monkeypatch.setattr(input_nodes, "SD15", {})
+    for node, make in (("ParaTestTinyCLIP", lambda: input_nodes.ParaTestTinyCLIP().make()),
+                       ("ParaTestTinyCheckpoint", lambda: input_nodes.ParaTestTinyCheckpoint().make("sdxl"))):
+        with pytest.raises(RuntimeError) as e:
+            make()
+        assert str(e.value) == (f"{node} returns the clip of the tiny SD1.5 checkpoint, which the `sd15` fixture loads: "
+                                f"request `sd15` in the test before running a prompt with {node}")
 
 
 def test_workflow_notes_name_the_model_files():

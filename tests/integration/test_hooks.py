@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 
-from harness import project64
+from reference import project64
 from test_nodes_para import assert_fp32_close, rand_b
 
 Q = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q"  # Linear 320 x 320 (self-attention)

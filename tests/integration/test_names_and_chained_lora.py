@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from harness import bits_equal, orth64, project64
+from harness import bits_equal
+from reference import assert_rel_close, parallel64, project64
 
 BLOCK = "diffusion_model.input_blocks.1.1.transformer_blocks.0"
 UP0 = "diffusion_model.output_blocks.0.1.transformer_blocks.0"
@@ -20,11 +21,6 @@ UP1 = "diffusion_model.output_blocks.1.1.transformer_blocks.0"
 
 def _b(out: int, r: int, seed: int) -> torch.Tensor:
     return torch.randn(out, r, generator=torch.Generator().manual_seed(seed))
-
-
-def _close(actual, ref64, what):
-    err = float((actual.to(torch.float64) - ref64).abs().max())
-    assert err <= 2e-6 * float(ref64.abs().max()), f"{what}: max error {err:.3e}"
 
 
 def test_peft_names_without_processor_patch_exactly_their_weight(comfy, sd15):
@@ -48,7 +44,7 @@ def test_peft_names_without_processor_patch_exactly_their_weight(comfy, sd15):
     base = comfy.base_state_dict(sd15["model"])
     got = comfy.patched_state_dict(comfy.output(p.id, 0))
     for name, module in names.items():
-        _close(got[module + ".weight"], project64(base[module + ".weight"], stages[name]), name)
+        assert_rel_close(got[module + ".weight"], project64(base[module + ".weight"], stages[name]), name)
     touched = {m + ".weight" for m in names.values()}
     assert all(bits_equal(v, base[k]) for k, v in got.items() if k not in touched)
 
@@ -76,21 +72,14 @@ def test_chained_para_plus_lora_with_alphas_through_the_nodes(comfy, sd15):
     assert "1 with PaRa and LoRA, 1 PaRa only, 0 LoRA only" in ui[cb.id]["text"][0], ui[cb.id]
     base = comfy.base_state_dict(sd15["model"])
     got = comfy.patched_state_dict(comfy.output(cb.id, 0))
-
-    def chain64(w, bases):  # W_k = W_{k-1} - α1²·Q_kQ_kᵀW_{k-1}: the second stage acts on the first one's result
-        cur = w.double().reshape(w.shape[0], -1)
-        for bb in bases:
-            q = orth64(bb)
-            cur = cur - a1 * a1 * q @ (q.T @ cur)
-        return cur
+    # W_k = W_{k-1} - α1²·Q_kQ_kᵀW_{k-1}: the second stage acts on the first one's result
     w_lin = base[lin + ".weight"]
-    ref = chain64(w_lin, a[lin] + b[lin]) + a2 * a2 * (up.double() * 0.5) @ down.double()  # alpha 2 / rank 4
-    _close(got[lin + ".weight"], ref, "PaRa chain + LoRA")
+    lora_delta = a2 * a2 * (up.double() * 0.5) @ down.double()  # alpha 2 / rank 4
+    ref = project64(w_lin, a[lin] + b[lin], a1 * a1) + lora_delta
+    assert_rel_close(got[lin + ".weight"], ref, "PaRa chain + LoRA")
     w_conv = base[conv + ".weight"]
-    _close(got[conv + ".weight"], chain64(w_conv, a[conv] + b[conv]).reshape(w_conv.shape), "PaRa chain only")
+    assert_rel_close(got[conv + ".weight"], project64(w_conv, a[conv] + b[conv], a1 * a1), "PaRa chain only")
     # the two random subspaces overlap, so both stages projected from W0 would be a different weight
-    q1, q2 = orth64(a[lin][0]), orth64(b[lin][0])
-    w = w_lin.double()
-    parallel = w - a1 * a1 * (q1 @ (q1.T @ w) + q2 @ (q2.T @ w)) + a2 * a2 * (up.double() * 0.5) @ down.double()
+    parallel = parallel64(w_lin, a[lin] + b[lin], a1 * a1) + lora_delta
     assert float((parallel - ref).abs().max()) > 1e-4 * float(ref.abs().max())
     assert all(bits_equal(v, base[k]) for k, v in got.items() if k not in (lin + ".weight", conv + ".weight"))

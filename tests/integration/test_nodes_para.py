@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from harness import bits_equal, orth64, project64, ulp, union64
+from harness import bits_equal
+from reference import assert_rel_close, orth64, parallel64, project64, ulp, union64
 
 LIN = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k"  # Linear 320 x 768
 FF = "diffusion_model.output_blocks.1.1.transformer_blocks.0.ff.net.0.proj"  # Linear 2560 x 320
@@ -33,9 +34,7 @@ def rand_b(out: int, r: int, seed: int) -> torch.Tensor:
 
 def assert_fp32_close(actual: torch.Tensor, ref64: torch.Tensor, what: str):
     assert actual.dtype == torch.float32, what
-    scale = float(ref64.abs().max())
-    err = float((actual.to(torch.float64) - ref64).abs().max())
-    assert err <= 2e-6 * scale, f"{what}: max error {err:.3e} vs scale {scale:.3e}"
+    assert_rel_close(actual, ref64, what)
 
 
 def assert_within_ulp(actual: torch.Tensor, ref64: torch.Tensor, what: str, n: float = 1.0):
@@ -132,21 +131,20 @@ def test_adapter_inside_comfy_calculate_weight(comfy, sd15):
     w16 = w.half()
     out = clora.calculate_weight([(1.0, adapter, 1.0, None, None)], w16.clone(), "k")
     assert out.dtype == torch.float16
-    q = adapter.weights[0].double()
-    ref = w16.double() - q @ (q.T @ w16.double())
-    assert_within_ulp(out, ref, "fp16 weight")
+    q = adapter.weights[0]
+    assert_within_ulp(out, project64(w16, [q]), "fp16 weight")
     # an offset patch: ComfyUI passes weight.narrow(...) and discards the return value
     big = torch.randn(960, 768, generator=torch.Generator().manual_seed(2))
     out = clora.calculate_weight([(1.0, adapter, 1.0, (0, 320, 320), None)], big.clone(), "k")
     assert torch.equal(out[:320], big[:320]) and torch.equal(out[640:], big[640:])
-    assert_fp32_close(out[320:640], big[320:640].double() - q @ (q.T @ big[320:640].double()), "offset slice")
+    assert_fp32_close(out[320:640], project64(big[320:640], [q]), "offset slice")
     # outside inference mode with grad enabled (a trainer loading a PaRa model): the adapter's Q was made in
     # inference mode by the executor, and ComfyUI's weight copy may require grad
     assert adapter.weights[0].is_inference()
     with torch.inference_mode(False), torch.enable_grad():
         wg = w.clone().requires_grad_(True)
         out = clora.calculate_weight([(1.0, adapter, 1.0, None, None)], wg * 1.0, "k")
-    assert_fp32_close(out.detach(), w.double() - q @ (q.T @ w.double()), "grad mode")
+    assert_fp32_close(out.detach(), project64(w, [q]), "grad mode")
 
 
 def test_chained_loaders_are_the_sequential_merge_and_lora_after_para(comfy, sd15, base):
@@ -169,10 +167,8 @@ def test_chained_loaders_are_the_sequential_merge_and_lora_after_para(comfy, sd1
     seq = project64(w0(base, LIN), [b1, b2])
     got = comfy.patched_state_dict(comfy.output(p2.id, 0), [wkey(LIN), wkey(CONV)])
     assert_fp32_close(got[wkey(LIN)], seq, "chain")
-    q1, q2 = orth64(b1), orth64(b2)
-    w = w0(base, LIN).double()
-    independent = w - q1 @ (q1.T @ w) - q2 @ (q2.T @ w)
-    assert float((got[wkey(LIN)].double() - independent).abs().max()) > 1e-3 * float(w.abs().max())
+    independent = parallel64(w0(base, LIN), [b1, b2])
+    assert float((got[wkey(LIN)].double() - independent).abs().max()) > 1e-3 * float(w0(base, LIN).abs().max())
     got = comfy.patched_state_dict(comfy.output(lo.id, 0), [wkey(LIN)])[wkey(LIN)]
     assert_fp32_close(got, seq + (2.0 / 4) * up.double() @ down.double(), "PaRa, then ComfyUI's LoRA")
 
