@@ -46,14 +46,9 @@ from contextlib import contextmanager
 import torch
 
 from ..para_core.forward_patch import wrap_forwards
-from ..para_core.targets import family_for_model
+from ..para_core.families import FAMILIES, family_of
 
 log = logging.getLogger(__name__)
-
-# Families whose forward does not update a tensor autograd saved (no copies needed): every family measured
-# except Flux / Chroma / Hunyuan ("flux": residual `+=` on block inputs) and LTX (`addcmul_`, `+=`).
-_IN_PLACE_SAFE = frozenset({"unet", "mmdit", "auraflow", "cosmos_predict2", "cascade", "pixart", "lumina2",
-                            "qwen_image", "hidream", "wan"})
 
 # kitchen's model-math ops (not its quantization kernels): RoPE, and the fused RMSNorm + adaLN modulation that
 # ComfyUI 0.33's LTX / Lumina-style blocks call (`ck.rms_adaln`), equally without an autograd formula.
@@ -189,11 +184,10 @@ def _diffusion_model(model) -> torch.nn.Module:
 def updates_saved_tensors_in_place(model) -> bool:
     """Whether training this model needs the saved-tensor copies (part 2): True unless its family is one whose
     forward was measured not to update saved tensors in place (plain and checkpointed training give the same
-    gradients without the copies; tests/integration/test_families.py). Unknown families get the copies."""
-    base = getattr(model, "model", model)
-    family = family_for_model(type(getattr(base, "model_config", None)).__name__,
-                              type(getattr(base, "diffusion_model", base)).__name__)
-    return family not in _IN_PLACE_SAFE
+    gradients without the copies; tests/integration/test_families.py): the record's ``in_place_safe``.
+    Unknown families get the copies."""
+    family = family_of(model)
+    return family is None or not FAMILIES[family].in_place_safe
 
 
 @contextmanager
