@@ -43,7 +43,7 @@ class Family:
     cross_attention: str | None = None   # regex: attention part of `cross` (None: all of it)
     blocks: dict[str, str] = field(default_factory=dict)  # per-block strength: block name -> module prefix
     layout_prefixes: tuple[str, ...] = ()  # module-name prefixes that identify the family from names alone
-    in_place_safe: bool = True           # forward never updates a tensor autograd saved (no copies needed)
+    in_place_safe: bool = False          # measured: forward never updates a tensor autograd saved (no copies)
     bare_prefixes: tuple[str, ...] = ()  # top-level keys of a bare diffusion-model checkpoint of this family
 
 
@@ -63,7 +63,7 @@ _ALL = (
         self_attention=r"\.attn1\.",
         blocks={"input": "input_blocks.", "middle": "middle_block.", "output": "output_blocks."},
         layout_prefixes=("input_blocks.", "middle_block.", "output_blocks."),
-        bare_prefixes=("input_blocks", "middle_block", "output_blocks", "out.", "time_embed", "label_emb")),
+        bare_prefixes=("input_blocks", "middle_block", "output_blocks", "out.", "time_embed", "label_emb"), in_place_safe=True),
     Family(
         "mmdit", "SD3 / SD3.5", ("SD3",), ("OpenAISignatureMMDITWrapper",),
         cross=r"\.context_block\.|^context_embedder(\.|$)",
@@ -73,7 +73,7 @@ _ALL = (
         embed_why="t_embedder, y_embedder (pooled text), every adaLN_modulation",
         self_attention=r"\.x_block\.attn2?\.",
         blocks={"joint": "joint_blocks."}, layout_prefixes=("joint_blocks.",),
-        bare_prefixes=("joint_blocks", "x_embedder", "final_layer")),
+        bare_prefixes=("joint_blocks", "x_embedder", "final_layer"), in_place_safe=True),
     Family(
         "flux", "Flux.1 dev/schnell/fill, Flux.2, Chroma, HunyuanVideo (1, 1.5), HunyuanImage 2.1, LongCat-Image",
         ("Flux", "FluxInpaint", "FluxSchnell", "Flux2", "Chroma", "ChromaRadiance", "HunyuanVideo", "HunyuanVideoI2V",
@@ -89,7 +89,7 @@ _ALL = (
                   "modulations, Chroma's distilled_guidance_layer",
         self_attention=r"\.img_attn\.|^single_blocks\.\d+\.linear[12]$",
         blocks={"double": "double_blocks.", "single": "single_blocks."},
-        layout_prefixes=("double_blocks.", "single_blocks."), in_place_safe=False,  # residual `+=` on block inputs
+        layout_prefixes=("double_blocks.", "single_blocks."),  # not in_place_safe: residual `+=` on block inputs
         bare_prefixes=("double_blocks", "single_blocks", "img_in", "txt_in", "final_layer")),
     Family(
         "auraflow", "AuraFlow", ("AuraFlow",), (),
@@ -98,14 +98,14 @@ _ALL = (
         cross_attention=r"^double_layers\.\d+\.attn\.w1[qkvo]$",
         embed=r"^t_embedder\.|(^|\.)mod(C|X|CX|F)(\.|$)", embed_why="t_embedder and the modC/modX/modCX/modF modulations",
         self_attention=r"^double_layers\.\d+\.attn\.w2[qkvo]$|^single_layers\.\d+\.attn\.w1[qkvo]$",
-        blocks={"double": "double_layers.", "single": "single_layers."}),
+        blocks={"double": "double_layers.", "single": "single_layers."}, in_place_safe=True),
     Family(
         "cosmos_predict2", "Cosmos Predict2, Anima (Predict2 + LLM adapter)",
         ("CosmosT2IPredict2", "CosmosI2VPredict2", "Anima"), ("MiniTrainDIT", "Anima"),
         cross=r"\.cross_attn\.|^llm_adapter(\.|$)",
         cross_why="cross_attn is true cross-attention; Anima's llm_adapter maps the Qwen3 text features into it",
         embed=r"^t_embedder\.|(^|\.)adaln_modulation", embed_why="t_embedder and every adaln_modulation_*",
-        self_attention=r"^blocks\.\d+\.self_attn\.", blocks={"blocks": "blocks."}),
+        self_attention=r"^blocks\.\d+\.self_attn\.", blocks={"blocks": "blocks."}, in_place_safe=True),
     Family(
         "cascade", "Stable Cascade C / B", ("Stable_Cascade_C", "Stable_Cascade_B"), ("StageC", "StageB"),
         cross=r"^clip_(txt|txt_pooled|img)_mapper(\.|$)|\.kv_mapper\.",
@@ -113,14 +113,14 @@ _ALL = (
         cross_attention=r"\.kv_mapper\.",
         embed=r"\.mapper(_sca|_crp)?$", embed_why="TimestepBlocks' mapper / mapper_sca / mapper_crp (r, sca, crp)",
         self_attention=r"\.attention\.attn\.",
-        blocks={"down": "down_blocks.", "up": "up_blocks."}),
+        blocks={"down": "down_blocks.", "up": "up_blocks."}, in_place_safe=True),
     Family(
         "pixart", "PixArt-α / Σ", ("PixArtAlpha", "PixArtSigma"), ("PixArtMS", "PixArt"),
         cross=r"\.cross_attn\.|^y_embedder\.", cross_why="cross_attn, y_embedder (caption projection)",
         cross_attention=r"\.cross_attn\.",
         embed=r"^(t_block|t_embedder|ar_embedder|csize_embedder)(\.|$)",
         embed_why="t_embedder, t_block (adaLN from t), ar_embedder / csize_embedder",
-        self_attention=r"^blocks\.\d+\.attn\.", blocks={"blocks": "blocks."}),
+        self_attention=r"^blocks\.\d+\.attn\.", blocks={"blocks": "blocks."}, in_place_safe=True),
     Family(
         "lumina2", "Lumina 2, Z-Image (latent and pixel space)", ("Lumina2", "ZImage", "ZImagePixelSpace"),
         ("NextDiT", "NextDiTPixelSpace"),
@@ -132,7 +132,7 @@ _ALL = (
                   "decoder's dec_net modulation, which is driven by the image tokens, not by t",
         self_attention=r"^(layers|noise_refiner)\.\d+\.attention\.",
         blocks={"layers": "layers.", "noise_refiner": "noise_refiner.", "context_refiner": "context_refiner.",
-                "decoder": "dec_net."}),
+                "decoder": "dec_net."}, in_place_safe=True),
     Family(
         "qwen_image", "Qwen-Image, Mage-Flow (Qwen-Image blocks), Lens (same dual stream, fused txt/img qkv)",
         ("QwenImage", "MageFlow", "Lens"),
@@ -143,7 +143,7 @@ _ALL = (
         embed=r"^(time_text_embed|norm_out)\.|\.(img_mod|txt_mod)\.",
         embed_why="time_text_embed, img_mod / txt_mod, norm_out (AdaLN-continuous)",
         self_attention=r"\.attn\.(to_[qkv]|to_out\.\d+|img_qkv)$",
-        blocks={"blocks": "transformer_blocks."}, bare_prefixes=("transformer_blocks",)),
+        blocks={"blocks": "transformer_blocks."}, bare_prefixes=("transformer_blocks",), in_place_safe=True),
     Family(
         "hidream", "HiDream-I1", ("HiDream",), ("HiDreamImageTransformer2DModel",),
         cross=r"^caption_projection\.|\.attn1\.to_(q|k|v|out)_t$|\.ff_t\.",
@@ -152,7 +152,7 @@ _ALL = (
         embed=r"^(t_embedder|p_embedder)\.|(^|\.)adaLN_modulation(\.|$)",
         embed_why="t_embedder, p_embedder (pooled text), every adaLN_modulation",
         self_attention=r"\.attn1\.to_(q|k|v|out)$",
-        blocks={"double": "double_stream_blocks.", "single": "single_stream_blocks."}),
+        blocks={"double": "double_stream_blocks.", "single": "single_stream_blocks."}, in_place_safe=True),
     Family(
         "wan", "Wan 2.1 / 2.2 (all variants)",
         ("WAN21_T2V", "WAN21_I2V", "WAN21_FunControl2V", "WAN21_Camera", "WAN22_Camera", "WAN21_Vace", "WAN21_HuMo",
@@ -165,14 +165,14 @@ _ALL = (
                   "music encoder, projection and injector (cross-attention to the music)",
         cross_attention=r"\.cross_attn\.",
         embed=r"^(time_embedding|time_projection)(\.|$)", embed_why="time_embedding, time_projection",
-        self_attention=r"\.self_attn\.", blocks={"blocks": "blocks."}),
+        self_attention=r"\.self_attn\.", blocks={"blocks": "blocks."}, in_place_safe=True),
     Family(
         "ltxv", "LTX-Video (LTXV, LTXAV)", ("LTXV", "LTXAV"), ("LTXVModel", "LTXAVModel"),
         cross=r"^(audio_)?caption_projection(\.|$)|\.(audio_)?attn2\.", cross_why="attn2, caption_projection",
         cross_attention=r"\.(audio_)?attn2\.",
         embed=r"(^|_)adaln_single(\.|$)", embed_why="adaln_single (timestep embedding and the 6-way modulation it drives)",
         self_attention=r"\.(audio_)?attn1\.", blocks={"blocks": "transformer_blocks."},
-        in_place_safe=False,  # `addcmul_`, `+=` on saved tensors
+        # not in_place_safe: `addcmul_`, `+=` on saved tensors
         bare_prefixes=("transformer_blocks",)),
     Family(
         "joyimage", "JoyImage", ("JoyImage",), ("JoyImageTransformer3DModel",),
@@ -182,13 +182,13 @@ _ALL = (
         cross_attention=r"\.attn\.txt_attn_(qkv|proj)$",
         embed=r"^condition_embedder\.(time_embedder|time_proj)(\.|$)",
         embed_why="condition_embedder.time_embedder and time_proj (the blocks' modulation vector)",
-        self_attention=r"\.attn\.img_attn_(qkv|proj)$", blocks={"double": "double_blocks."}, in_place_safe=False),
+        self_attention=r"\.attn\.img_attn_(qkv|proj)$", blocks={"double": "double_blocks."}),
     Family(
         "ernie", "ERNIE-Image", ("ErnieImage",), ("ErnieImageModel",),
         cross=r"^text_proj(\.|$)", cross_why="text_proj projects the text; the layers attend over [image; text] jointly",
         embed=r"^(time_embedding|adaLN_modulation|final_norm)(\.|$)",
         embed_why="time_embedding, the shared adaLN_modulation, final_norm (AdaLN-continuous from t)",
-        self_attention=r"^layers\.\d+\.self_attention\.", blocks={"layers": "layers."}, in_place_safe=False),
+        self_attention=r"^layers\.\d+\.self_attention\.", blocks={"layers": "layers."}),
     Family(
         "krea2", "Krea 2", ("Krea2",), ("SingleStreamDiT",),
         cross=r"^(txtfusion|txtmlp)(\.|$)",
@@ -196,13 +196,13 @@ _ALL = (
         cross_attention=r"^txtfusion\..*\.attn\.",
         embed=r"^(tmlp|tproj)(\.|$)", embed_why="tmlp (timestep MLP), tproj (the 6-way modulation it drives)",
         self_attention=r"^blocks\.\d+\.attn\.",
-        blocks={"blocks": "blocks.", "txtfusion": "txtfusion."}, in_place_safe=False),
+        blocks={"blocks": "blocks.", "txtfusion": "txtfusion."}),
     Family(
         "ideogram4", "Ideogram 4", ("Ideogram4",), ("Ideogram4Transformer2DModel",),
         cross=r"^llm_cond_proj(\.|$)", cross_why="llm_cond_proj projects the LLM features; layers are single stream",
         embed=r"^(t_embedding|adaln_proj)(\.|$)|(^|\.)adaln_modulation(\.|$)",
         embed_why="t_embedding, adaln_proj and every adaln_modulation (layers, final layer)",
-        self_attention=r"^layers\.\d+\.attention\.", blocks={"layers": "layers."}, in_place_safe=False),
+        self_attention=r"^layers\.\d+\.attention\.", blocks={"layers": "layers."}),
     Family(
         "boogu", "Boogu", ("Boogu",), ("BooguTransformer2DModel",),
         cross=r"^time_caption_embed\.caption_embedder\.|^context_refiner\.|\.instruct_(to_[qkv]|out)$|\.instruct_feed_forward\.",
@@ -214,14 +214,14 @@ _ALL = (
         self_attention=r"^(noise_refiner|ref_image_refiner|single_stream_layers)\.\d+\.attn\.|\.img_self_attn\."
                        r"|\.processor\.img_(to_[qkv]|out)$",
         blocks={"double": "double_stream_layers.", "single": "single_stream_layers.", "noise_refiner": "noise_refiner.",
-                "context_refiner": "context_refiner.", "ref_image_refiner": "ref_image_refiner."}, in_place_safe=False),
+                "context_refiner": "context_refiner.", "ref_image_refiner": "ref_image_refiner."}),
     Family(
         "cogvideox", "CogVideoX (T2V, I2V, Fun inpaint)", ("CogVideoX_T2V", "CogVideoX_I2V", "CogVideoX_Inpaint"),
         ("CogVideoXTransformer3DModel",),
         cross=r"^patch_embed\.text_proj$", cross_why="patch_embed.text_proj projects the text; blocks attend over [text; video]",
         embed=r"^(time_embedding_linear_\d|ofs_embedding\w*)$|\.norm[12]\.linear$|^norm_out\.linear$",
         embed_why="time_embedding_linear_1/2, ofs_embedding, norm1/norm2/norm_out linear (LayerNormZero / AdaLN from t)",
-        self_attention=r"^blocks\.\d+\.(q|k|v|attn_out)$", blocks={"blocks": "blocks."}, in_place_safe=False),
+        self_attention=r"^blocks\.\d+\.(q|k|v|attn_out)$", blocks={"blocks": "blocks."}),
     Family(
         "pixeldit", "PixelDiT T2I, PiD", ("PixelDiTT2I", "PiD"), ("PixDiT_T2I", "PidNet"),
         cross=r"^y_embedder\.|\.attn\.(qkv|proj)_y$|\.mlp_y\.",
@@ -229,7 +229,7 @@ _ALL = (
         cross_attention=r"\.attn\.(qkv|proj)_y$",
         embed=r"^t_embedder\.|(^|\.)adaLN_modulation\w*(\.|$)", embed_why="t_embedder and every adaLN_modulation_*",
         self_attention=r"\.attn\.(qkv|proj)_x$|^pixel_blocks\.\d+\.attn\.",
-        blocks={"patch": "patch_blocks.", "pixel": "pixel_blocks."}, in_place_safe=False),
+        blocks={"patch": "patch_blocks.", "pixel": "pixel_blocks."}),
     Family(
         "hidream_o1", "HiDream-O1 (unified Qwen3-VL)", ("HiDreamO1",), ("HiDreamO1Transformer",),
         cross=r"^language_model\.embed_tokens$|^visual\.",
@@ -238,7 +238,7 @@ _ALL = (
         cross_attention=r"^visual\.blocks\.\d+\.attn\.",
         embed=r"^t_embedder1\.", embed_why="t_embedder1 (the timestep token)",
         self_attention=r"^language_model\.layers\.\d+\.self_attn\.",
-        blocks={"layers": "language_model.layers.", "visual": "visual."}, in_place_safe=False),
+        blocks={"layers": "language_model.layers.", "visual": "visual."}),
     Family(
         "generic", "anything else (rules on names)", (), (),
         cross=r"(^|\.)(attn2|cross_attn|crossattn|cross_attention)(\.|$)", cross_why="attn2 / cross_attn",
@@ -246,7 +246,7 @@ _ALL = (
               r"|(^|\.)emb_layers\.|modulation",
         embed_why="*_embed / *_embedder / time_* / *modulation*",
         self_attention=r"(^|\.)(attn1|self_attn|attn|attention)(\.|$)",
-        in_place_safe=False),  # unknown code: copies are the safe choice
+        ),
 )
 
 FAMILIES: dict[str, Family] = {f.key: f for f in _ALL}
