@@ -204,17 +204,27 @@ _ALL = (
         embed_why="t_embedding, adaln_proj and every adaln_modulation (layers, final layer)",
         self_attention=r"^layers\.\d+\.attention\.", blocks={"layers": "layers."}),
     Family(
-        "boogu", "Boogu", ("Boogu",), ("BooguTransformer2DModel",),
+        "omnigen2", "OmniGen2, Boogu (OmniGen2 + double-stream layers)", ("Omnigen2", "Boogu"),
+        ("OmniGen2Transformer2DModel", "BooguTransformer2DModel"),
         cross=r"^time_caption_embed\.caption_embedder\.|^context_refiner\.|\.instruct_(to_[qkv]|out)$|\.instruct_feed_forward\.",
         cross_why="caption_embedder, context_refiner (text-only), the double layers' instruction stream "
                   "(instruct_to_q/k/v, instruct_out, instruct_feed_forward)",
         cross_attention=r"^context_refiner\.\d+\.attn\.|\.instruct_(to_[qkv]|out)$",
         embed=r"^time_caption_embed\.timestep_embedder\.|^norm_out\.|(^|\.)\w*norm\d*\.linear$",
         embed_why="timestep_embedder, every RMSNormZero's linear (modulation from t), norm_out",
-        self_attention=r"^(noise_refiner|ref_image_refiner|single_stream_layers)\.\d+\.attn\.|\.img_self_attn\."
+        self_attention=r"^(noise_refiner|ref_image_refiner|single_stream_layers|layers)\.\d+\.attn\.|\.img_self_attn\."
                        r"|\.processor\.img_(to_[qkv]|out)$",
         blocks={"double": "double_stream_layers.", "single": "single_stream_layers.", "noise_refiner": "noise_refiner.",
-                "context_refiner": "context_refiner.", "ref_image_refiner": "ref_image_refiner."}),
+                "context_refiner": "context_refiner.", "ref_image_refiner": "ref_image_refiner.", "layers": "layers."}),
+    Family(
+        "kandinsky5", "Kandinsky 5 (video, image)", ("Kandinsky5", "Kandinsky5Image"), ("Kandinsky5",),
+        cross=r"^(text_embeddings|text_transformer_blocks)\.|\.cross_attention\.",
+        cross_why="text_embeddings and text_transformer_blocks (text-only) embed the prompt; cross_attention reads it",
+        cross_attention=r"^text_transformer_blocks\.\d+\.self_attention\.|\.cross_attention\.",
+        embed=r"^(time_embeddings|pooled_text_embeddings)\.|(^|\.)\w*modulation(\.|$)",
+        embed_why="time_embeddings, pooled_text_embeddings (added to the time vector), every *_modulation",
+        self_attention=r"^visual_transformer_blocks\.\d+\.self_attention\.",
+        blocks={"visual": "visual_transformer_blocks.", "text": "text_transformer_blocks."}),
     Family(
         "cogvideox", "CogVideoX (T2V, I2V, Fun inpaint)", ("CogVideoX_T2V", "CogVideoX_I2V", "CogVideoX_Inpaint"),
         ("CogVideoXTransformer3DModel",),

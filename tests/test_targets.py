@@ -390,6 +390,7 @@ def test_new_families_are_recognised_by_class():
     for cfg in ("WAN21_CausalAR_T2V", "WAN_Animate2", "WAN21_SCAIL", "WAN21_SCAIL2", "WAN21_FlowRVS", "WAN22_WanDancer"):
         assert family_for_model(cfg) == "wan"
     assert family_for_model("JoyImage", "JoyImageTransformer3DModel") == "joyimage"
+    assert family_for_model("Boogu") == family_for_model("Omnigen2") == "omnigen2"
 
 
 def test_pixel_decoder_modulation_is_kept_and_transformer_modulation_dropped():

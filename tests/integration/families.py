@@ -132,7 +132,8 @@ FAMILIES: dict[str, Family] = {
         extra_values={"attention_mask": torch.ones(1, 4, dtype=torch.long)}, video=True),
 }
 
-# Families ComfyUI 0.8 lacks (0.33 and later); `available()` leaves out those the running ComfyUI has no class for.
+# Added with ComfyUI 0.33's generators (Omnigen2 and Kandinsky 5 are in 0.8 too); `available()` leaves out the
+# families the running ComfyUI has no class for.
 FAMILIES.update({
     "longcat_image": Family("LongCatImage", dict(
         image_model="flux", in_channels=16, out_channels=16, vec_in_dim=None, context_in_dim=64, hidden_size=64,
@@ -190,6 +191,14 @@ FAMILIES.update({
         rope_w_extrapolation_ratio=4.0, rope_t_extrapolation_ratio=1.0, extra_h_extrapolation_ratio=1.0,
         extra_w_extrapolation_ratio=1.0, extra_t_extrapolation_ratio=1.0, rope_enable_fps_modulation=False),
         (16, 1, 8, 8), 4, 1024, video=True),
+    "omnigen2": Family("Omnigen2", dict(
+        image_model="omnigen2", patch_size=2, in_channels=16, hidden_size=64, num_layers=1, num_refiner_layers=1,
+        num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(8, 12, 12), axes_lens=(64, 64, 64),
+        text_feat_dim=64), (16, 8, 8), 4, 64, extra_values={"attention_mask": torch.ones(1, 4, dtype=torch.long)}),
+    "kandinsky5": Family("Kandinsky5", dict(
+        image_model="kandinsky5", in_visual_dim=16, out_visual_dim=16, in_text_dim=64, in_text_dim2=32, time_dim=32,
+        model_dim=64, ff_dim=128, visual_embed_dim=132, patch_size=(1, 2, 2), num_text_blocks=1, num_visual_blocks=1,
+        axes_dims=(8, 12, 12)), (16, 3, 8, 8), 4, 64, {"pooled_output": (1, 32)}, video=True),
     "wan21_causal": Family("WAN21_CausalAR_T2V", WAN_TINY, (16, 3, 8, 8), 4, 64, video=True),
     "wan_animate2": Family("WAN_Animate2", dict(WAN_TINY, model_type="animate2"), (16, 3, 8, 8), 4, 64, video=True),
 })

@@ -40,10 +40,11 @@ TRAIN = {
     "chroma": (3, True, "fp32"), "lumina2": (3, False, "bf16"), "z_image": (3, True, "fp32"),
     "hidream": (3, False, "fp32"), "hunyuan_video": (3, True, "bf16"), "hunyuan_image21": (3, False, "fp32"),
     "wan22_5b": (3, True, "fp32"), "ltxv": (3, True, "bf16"),
-    # ComfyUI 0.33's families: 2 steps, fp32/bf16 and checkpointing spread
+    # families added with ComfyUI 0.33's (Omnigen2 and Kandinsky 5 are in 0.8 too): 2 steps, fp32/bf16 and checkpointing spread
     "longcat_image": (2, True, "bf16"), "z_image_pixel": (2, False, "fp32"), "lens": (2, True, "fp32"),
     "mage_flow": (2, False, "bf16"), "ernie_image": (2, True, "bf16"), "joyimage": (2, False, "fp32"),
     "krea2": (2, True, "fp32"), "ideogram4": (2, False, "bf16"), "boogu": (2, True, "fp32"),
+    "omnigen2": (2, False, "bf16"), "kandinsky5": (2, True, "fp32"),
     "cogvideox": (2, False, "bf16"), "pixeldit": (2, True, "bf16"),
     "anima": (2, True, "bf16"), "wan21_causal": (2, True, "fp32"), "wan_animate2": (2, False, "bf16"),
     # not hidream_o1: its LM blocks (comfy/text_encoders/llama.py) write the residual into the block input with
@@ -89,7 +90,10 @@ EXCA_DROPS = {
     "joyimage": ("joyimage", ["text_embedder.", "txt_attn_", "txt_mlp.", "time_embedder.", "time_proj"]),
     "krea2": ("krea2", ["txtfusion.", "txtmlp.", "tmlp.", "tproj."]),
     "ideogram4": ("ideogram4", ["llm_cond_proj", "t_embedding.", "adaln_proj", "adaln_modulation"]),
-    "boogu": ("boogu", ["caption_embedder.", "context_refiner.", "instruct_to_", "instruct_out", "instruct_feed_forward.",
+    "omnigen2": ("omnigen2", ["caption_embedder.", "context_refiner.", "timestep_embedder.", "norm1.linear", "norm_out."]),
+    "kandinsky5": ("kandinsky5", ["text_embeddings.", "text_transformer_blocks.", "cross_attention.", "time_embeddings.",
+                                  "pooled_text_embeddings.", "modulation."]),
+    "boogu": ("omnigen2", ["caption_embedder.", "context_refiner.", "instruct_to_", "instruct_out", "instruct_feed_forward.",
                         "timestep_embedder.", "norm1.linear", "img_norm2.linear", "img_norm3.linear", "norm_out."]),
     "cogvideox": ("cogvideox", ["text_proj", "time_embedding_linear", "norm1.linear", "norm2.linear", "norm_out."]),
     "pixeldit": ("pixeldit", ["y_embedder.", "qkv_y", "proj_y", "mlp_y.", "t_embedder.", "adaLN_modulation"]),
