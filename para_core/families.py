@@ -217,6 +217,14 @@ _ALL = (
         blocks={"double": "double_stream_layers.", "single": "single_stream_layers.", "noise_refiner": "noise_refiner.",
                 "context_refiner": "context_refiner.", "ref_image_refiner": "ref_image_refiner.", "layers": "layers."}),
     Family(
+        "hunyuan_dit", "HunyuanDiT 1.0 / 1.1", ("HunyuanDiT", "HunyuanDiT1"), ("HunYuanDiT",),
+        cross=r"\.attn2\.|^mlp_t5(\.|$)", cross_why="attn2 is true cross-attention (CLIP + projected T5); mlp_t5 projects T5",
+        cross_attention=r"\.attn2\.",
+        embed=r"^(t_embedder|pooler|extra_embedder)(\.|$)|(^|\.)(default_modulation|adaLN_modulation)(\.|$)",
+        embed_why="t_embedder, pooler and extra_embedder (pooled text + size/style into the time vector), "
+                  "every default_modulation / adaLN_modulation",
+        self_attention=r"\.attn1\.", blocks={"blocks": "blocks."}),
+    Family(
         "kandinsky5", "Kandinsky 5 (video, image)", ("Kandinsky5", "Kandinsky5Image"), ("Kandinsky5",),
         cross=r"^(text_embeddings|text_transformer_blocks)\.|\.cross_attention\.",
         cross_why="text_embeddings and text_transformer_blocks (text-only) embed the prompt; cross_attention reads it",

@@ -132,7 +132,7 @@ FAMILIES: dict[str, Family] = {
         extra_values={"attention_mask": torch.ones(1, 4, dtype=torch.long)}, video=True),
 }
 
-# Added with ComfyUI 0.33's generators (Omnigen2 and Kandinsky 5 are in 0.8 too); `available()` leaves out the
+# Added with ComfyUI 0.33's generators (OmniGen2, Kandinsky 5 and HunyuanDiT are in 0.8 too); `available()` leaves out the
 # families the running ComfyUI has no class for.
 FAMILIES.update({
     "longcat_image": Family("LongCatImage", dict(
@@ -199,6 +199,11 @@ FAMILIES.update({
         image_model="kandinsky5", in_visual_dim=16, out_visual_dim=16, in_text_dim=64, in_text_dim2=32, time_dim=32,
         model_dim=64, ff_dim=128, visual_embed_dim=132, patch_size=(1, 2, 2), num_text_blocks=1, num_visual_blocks=1,
         axes_dims=(8, 12, 12)), (16, 3, 8, 8), 4, 64, {"pooled_output": (1, 32)}, video=True),
+    "hunyuan_dit": Family("HunyuanDiT", dict(
+        image_model="hydit", input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=2,
+        text_states_dim=64, text_states_dim_t5=64, text_len=4, text_len_t5=4, learn_sigma=True), (4, 8, 8), 4, 64,
+        {"conditioning_mt5xl": (1, 4, 64)}, {"attention_mask": torch.ones(1, 4, dtype=torch.long),
+                                              "attention_mask_mt5xl": torch.ones(1, 4, dtype=torch.long)}),
     "wan21_causal": Family("WAN21_CausalAR_T2V", WAN_TINY, (16, 3, 8, 8), 4, 64, video=True),
     "wan_animate2": Family("WAN_Animate2", dict(WAN_TINY, model_type="animate2"), (16, 3, 8, 8), 4, 64, video=True),
 })
