@@ -45,12 +45,9 @@ TRAIN = {
     "mage_flow": (2, False, "bf16"), "ernie_image": (2, True, "bf16"), "joyimage": (2, False, "fp32"),
     "krea2": (2, True, "fp32"), "ideogram4": (2, False, "bf16"), "boogu": (2, True, "fp32"),
     "omnigen2": (2, False, "bf16"), "kandinsky5": (2, True, "fp32"), "hunyuan_dit": (2, True, "bf16"),
-    "cogvideox": (2, False, "bf16"), "pixeldit": (2, True, "bf16"),
+    "cogvideox": (2, False, "bf16"), "pixeldit": (2, True, "bf16"), "hidream_o1": (2, True, "fp32"),
     "anima": (2, True, "bf16"), "wan21_causal": (2, True, "fp32"), "wan_animate2": (2, False, "bf16"),
-    # not hidream_o1: its LM blocks (comfy/text_encoders/llama.py) write the residual into the block input with
-    # torch.add(..., out=...), which autograd refuses; training_compat does not cover that yet
 }
-TRAIN_KEYS = [k for k in FAMILY_KEYS if k in TRAIN]
 
 # (family key in para_core.targets, name fragments ExCA must drop: issue 7's list per family)
 EXCA_DROPS = {
@@ -273,7 +270,7 @@ def _fixed_forward(fam):
     return F.forward(m, fam, x, 0.4)
 
 
-@pytest.mark.parametrize("fam", TRAIN_KEYS)
+@pytest.mark.parametrize("fam", FAMILY_KEYS)
 def test_train_save_load_and_model_restored(comfy, fam_nodes, fam):
     steps, ckpt, dtype = TRAIN[fam]
     before = _fixed_forward(fam)
@@ -348,6 +345,7 @@ def test_training_compat_restores_everything_also_on_error(comfy):
     flux_math = importlib.import_module("comfy.ldm.flux.math")
     wan_model = importlib.import_module("comfy.ldm.wan.model")
     quant_ops = importlib.import_module("comfy.quant_ops")
+    llama = importlib.import_module("comfy.text_encoders.llama")
     trainer_module = sys.modules[comfy.nodes.NODE_CLASS_MAPPINGS["PaRaTrainer"].__module__]
     model = F.build("flux_dev")
     dm = model.model.diffusion_model
@@ -367,6 +365,7 @@ def test_training_compat_restores_everything_also_on_error(comfy):
                 assert eager(flux_math.apply_rope) or eager(ck.apply_rope)
                 assert all(eager(getattr(ck, n)) for n in ck_bindings)
             assert "forward" in dm.double_blocks[0].__dict__
+            assert llama.torch is not torch and llama.torch.add is not torch.add  # out= dropped while recording
             assert torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
             raise RuntimeError("boom")
     assert (flux_math.apply_rope, flux_math.apply_rope1, wan_model.apply_rope1) == bindings
@@ -374,3 +373,4 @@ def test_training_compat_restores_everything_also_on_error(comfy):
     assert all(getattr(ck, n) is fn for n, fn in ck_bindings.items())
     assert {id(m): ("forward" in m.__dict__, m.__dict__.get("forward")) for m in dm.modules()} == forwards
     assert torch._C._autograd._top_saved_tensors_default_hooks(False) == top
+    assert llama.torch is torch
