@@ -225,6 +225,14 @@ _ALL = (
                   "every default_modulation / adaLN_modulation",
         self_attention=r"\.attn1\.", blocks={"blocks": "blocks."}),
     Family(
+        "mochi", "Genmo Mochi preview", ("GenmoMochi",), ("AsymmDiTJoint",),
+        cross=r"^t5_yproj$|\.attn\.(qkv|proj)_y$|\.mlp_y\.",
+        cross_why="t5_yproj projects the T5 tokens; qkv_y / proj_y / mlp_y are the asymmetric blocks' text stream",
+        cross_attention=r"\.attn\.(qkv|proj)_y$",
+        embed=r"^(t_embedder|t5_y_embedder)\.|\.mod(_[xy])?$",
+        embed_why="t_embedder, t5_y_embedder (attention-pooled T5 added to the time vector), mod_x / mod_y / final mod",
+        self_attention=r"\.attn\.(qkv|proj)_x$", blocks={"blocks": "blocks."}),
+    Family(
         "kandinsky5", "Kandinsky 5 (video, image)", ("Kandinsky5", "Kandinsky5Image"), ("Kandinsky5",),
         cross=r"^(text_embeddings|text_transformer_blocks)\.|\.cross_attention\.",
         cross_why="text_embeddings and text_transformer_blocks (text-only) embed the prompt; cross_attention reads it",

@@ -400,3 +400,19 @@ def test_pixel_decoder_modulation_is_kept_and_transformer_modulation_dropped():
     assert set(select(names, "ExCA", layout="lumina2")) == {P + "layers.0.attention.qkv",
                                                             P + "dec_net.res_blocks.0.adaLN_modulation.1",
                                                             P + "dec_net.cond_embed"}
+
+
+def test_mochi_preset_on_its_real_names():
+    """Genmo Mochi (no tiny instance: its blocks assert the full 3072-wide MLP); names as ComfyUI builds them."""
+    names = [P + n for n in ("blocks.0.attn.proj_x", "blocks.0.attn.proj_y", "blocks.0.attn.qkv_x", "blocks.0.attn.qkv_y",
+                             "blocks.0.mlp_x.w1", "blocks.0.mlp_x.w2", "blocks.0.mlp_y.w1", "blocks.0.mlp_y.w2",
+                             "blocks.0.mod_x", "blocks.0.mod_y", "final_layer.linear", "final_layer.mod",
+                             "t5_y_embedder.to_kv", "t5_y_embedder.to_out", "t5_y_embedder.to_q", "t5_yproj",
+                             "t_embedder.mlp.0", "x_embedder.proj")]
+    key = family_for_model("GenmoMochi", "AsymmDiTJoint")
+    assert key == "mochi"
+    assert set(select(names, "ExCA", layout=key)) == {P + n for n in ("blocks.0.attn.proj_x", "blocks.0.attn.qkv_x",
+                                                                      "blocks.0.mlp_x.w1", "blocks.0.mlp_x.w2",
+                                                                      "final_layer.linear", "x_embedder.proj")}
+    assert set(select(names, "self_attention", layout=key)) == {P + "blocks.0.attn.proj_x", P + "blocks.0.attn.qkv_x"}
+    assert set(select(names, "attention", layout=key)) == {P + f"blocks.0.attn.{n}" for n in ("proj_x", "qkv_x", "proj_y", "qkv_y")}
