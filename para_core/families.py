@@ -225,6 +225,13 @@ _ALL = (
                   "every default_modulation / adaLN_modulation",
         self_attention=r"\.attn1\.", blocks={"blocks": "blocks."}),
     Family(
+        "cosmos1", "Cosmos 1 (T2V, I2V)", ("CosmosT2V", "CosmosI2V"), ("GeneralDIT",),
+        cross=r"^blocks\.block\d+\.blocks\.1\.block\.",
+        cross_why="sub-block 1 of each \"FA-CA-MLP\" block (the block_config ComfyUI's detection always sets) is the "
+                  "cross-attention",
+        embed=r"^t_embedder\.|(^|\.)adaLN_modulation(\.|$)", embed_why="t_embedder and every adaLN_modulation",
+        self_attention=r"^blocks\.block\d+\.blocks\.0\.block\.attn\.", blocks={"blocks": "blocks."}),
+    Family(
         "mochi", "Genmo Mochi preview", ("GenmoMochi",), ("AsymmDiTJoint",),
         cross=r"^t5_yproj$|\.attn\.(qkv|proj)_y$|\.mlp_y\.",
         cross_why="t5_yproj projects the T5 tokens; qkv_y / proj_y / mlp_y are the asymmetric blocks' text stream",

@@ -132,7 +132,7 @@ FAMILIES: dict[str, Family] = {
         extra_values={"attention_mask": torch.ones(1, 4, dtype=torch.long)}, video=True),
 }
 
-# Added with ComfyUI 0.33's generators (OmniGen2, Kandinsky 5 and HunyuanDiT are in 0.8 too); `available()` leaves out the
+# Added with ComfyUI 0.33's generators (OmniGen2, Kandinsky 5, HunyuanDiT and Cosmos 1 are in 0.8 too); `available()` leaves out the
 # families the running ComfyUI has no class for.
 FAMILIES.update({
     "longcat_image": Family("LongCatImage", dict(
@@ -204,6 +204,13 @@ FAMILIES.update({
         text_states_dim=64, text_states_dim_t5=64, text_len=4, text_len_t5=4, learn_sigma=True), (4, 8, 8), 4, 64,
         {"conditioning_mt5xl": (1, 4, 64)}, {"attention_mask": torch.ones(1, 4, dtype=torch.long),
                                               "attention_mask_mt5xl": torch.ones(1, 4, dtype=torch.long)}),
+    "cosmos1": Family("CosmosT2V", dict(
+        image_model="cosmos", max_img_h=64, max_img_w=64, max_frames=8, in_channels=16, out_channels=16, patch_spatial=2,
+        patch_temporal=1, model_channels=64, block_config="FA-CA-MLP", concat_padding_mask=True, pos_emb_cls="rope3d",
+        pos_emb_learnable=False, pos_emb_interpolation="crop", block_x_format="THWBD", affline_emb_norm=True,
+        use_adaln_lora=True, adaln_lora_dim=16, num_blocks=1, num_heads=2, extra_per_block_abs_pos_emb=True,
+        rope_h_extrapolation_ratio=1.0, rope_w_extrapolation_ratio=1.0, rope_t_extrapolation_ratio=2.0,
+        extra_per_block_abs_pos_emb_type="learnable", crossattn_emb_channels=64), (16, 2, 8, 8), 4, 64, video=True),
     "wan21_causal": Family("WAN21_CausalAR_T2V", WAN_TINY, (16, 3, 8, 8), 4, 64, video=True),
     "wan_animate2": Family("WAN_Animate2", dict(WAN_TINY, model_type="animate2"), (16, 3, 8, 8), 4, 64, video=True),
 })

@@ -40,11 +40,12 @@ TRAIN = {
     "chroma": (3, True, "fp32"), "lumina2": (3, False, "bf16"), "z_image": (3, True, "fp32"),
     "hidream": (3, False, "fp32"), "hunyuan_video": (3, True, "bf16"), "hunyuan_image21": (3, False, "fp32"),
     "wan22_5b": (3, True, "fp32"), "ltxv": (3, True, "bf16"),
-    # families added with ComfyUI 0.33's (OmniGen2, Kandinsky 5 and HunyuanDiT are in 0.8 too): 2 steps, fp32/bf16 and checkpointing spread
+    # families added with ComfyUI 0.33's (OmniGen2, Kandinsky 5, HunyuanDiT and Cosmos 1 are in 0.8 too): 2 steps, fp32/bf16 and checkpointing spread
     "longcat_image": (2, True, "bf16"), "z_image_pixel": (2, False, "fp32"), "lens": (2, True, "fp32"),
     "mage_flow": (2, False, "bf16"), "ernie_image": (2, True, "bf16"), "joyimage": (2, False, "fp32"),
     "krea2": (2, True, "fp32"), "ideogram4": (2, False, "bf16"), "boogu": (2, True, "fp32"),
     "omnigen2": (2, False, "bf16"), "kandinsky5": (2, True, "fp32"), "hunyuan_dit": (2, True, "bf16"),
+    "cosmos1": (2, False, "fp32"),
     "cogvideox": (2, False, "bf16"), "pixeldit": (2, True, "bf16"), "hidream_o1": (2, True, "fp32"),
     "anima": (2, True, "bf16"), "wan21_causal": (2, True, "fp32"), "wan_animate2": (2, False, "bf16"),
 }
@@ -92,6 +93,7 @@ EXCA_DROPS = {
                                   "pooled_text_embeddings.", "modulation."]),
     "hunyuan_dit": ("hunyuan_dit", ["attn2.", "mlp_t5.", "t_embedder.", "pooler.", "extra_embedder.", "default_modulation.",
                                     "adaLN_modulation."]),
+    "cosmos1": ("cosmos1", ["blocks.1.block.", "t_embedder.", "adaLN_modulation"]),
     "boogu": ("omnigen2", ["caption_embedder.", "context_refiner.", "instruct_to_", "instruct_out", "instruct_feed_forward.",
                         "timestep_embedder.", "norm1.linear", "img_norm2.linear", "img_norm3.linear", "norm_out."]),
     "cogvideox": ("cogvideox", ["text_proj", "time_embedding_linear", "norm1.linear", "norm2.linear", "norm_out."]),
