@@ -15,6 +15,7 @@ import comfy.lora
 
 from ..para_core import blocks
 from ..para_core.errors import ParaError
+from ..para_core.families import family_of
 from ..para_core.format import MatchReport, ParaModel, match_modules
 
 _DIFFUSERS_ATTN = (".to_q", ".to_k", ".to_v", ".to_out.0")
@@ -72,6 +73,7 @@ class Resolution:
     def __init__(self, para: ParaModel, model, clip):
         self.unet_map, self.te_map = unet_map, te_map = key_maps(model, clip)
         self.unet_shapes = _weight_shapes(model)
+        self.family = family_of(model) if model is not None else None  # None: blocks found from the names
         self.te_shapes = _weight_shapes(clip.patcher if clip is not None else None)
         self.side: dict[str, str] = {}
 
@@ -118,7 +120,7 @@ def block_multipliers(res: Resolution, block_strength: str) -> dict[str, float]:
     if not (block_strength or "").strip():
         return {}
     modules = [k[: -len(".weight")] for k, shape in res.unet_shapes.items() if k.endswith(".weight") and len(shape) >= 2]
-    per_module = blocks.resolve(block_strength, modules)
+    per_module = blocks.resolve(block_strength, modules, res.family)
     return {f"{m}.weight": v for m, v in per_module.items()}
 
 

@@ -56,7 +56,8 @@ import folder_paths
 from ..para_core.errors import ParaError
 from ..para_core.format import ParaModel, parse_training_metadata, stage_key
 from ..para_core.layer import DEFAULT_INIT, INITS, MODES, ParaLayer, ParaNetwork
-from ..para_core.targets import DEFAULT_GAMMA, DEFAULT_PRESET, PRESETS, TargetPlan, family_for_model, plan
+from ..para_core.families import family_of
+from ..para_core.targets import DEFAULT_GAMMA, DEFAULT_PRESET, PRESETS, TargetPlan, plan
 from ..para_core.train import (DTYPES, LOSS_FUNCTIONS, LOSS_SPACES, OPTIMIZERS, TrainConfig,
                                TrainingLoop, checkpoint_units, enable_checkpointing, loss_value, make_optimizer,
                                prediction_residual, prediction_scale, read_state, restore_optimizer, save_with_state,
@@ -465,8 +466,9 @@ class Trainer:
             layers = {m: ParaLayer(b) for m, b in sorted(stages_b(existing, state).items())}
             return ParaNetwork(layers, cfg.projection), p
         try:
-            p = plan(out_dims, cfg.targets, cfg.rank, cfg.rank_boundary, cfg.include, cfg.exclude, layout=family_for_model(
-                type(getattr(self.model.model, "model_config", None)).__name__, type(getattr(self.model.model, "diffusion_model", None)).__name__))
+            family = family_of(self.model)
+            p = plan(out_dims, cfg.targets, cfg.rank, cfg.rank_boundary, cfg.include, cfg.exclude, layout=family)
+            p.from_names = family is None and p.layout != "generic"
         except ValueError as e:
             raise ValueError(f"Train PaRa: {e}") from None
         if not p.ranks:

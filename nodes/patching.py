@@ -77,7 +77,7 @@ def apply_para(para: ParaModel, model, clip, strength_model: float, strength_cli
     if strength_model == 0 or (clip is not None and strength_clip == 0):
         notes.append("strength 0 leaves that side unchanged")
     if mult:
-        notes.append(f"block strength: {blocks.describe(mult) or 'all 1'}")
+        notes.append(f"block strength: {blocks.describe(mult, res.family) or 'all 1'}")
     if bypass:
         notes.append("bypass: weights untouched, each layer's output projected")
     return new_model, new_clip, describe(res.report, counts, "; ".join(notes))

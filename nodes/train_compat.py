@@ -32,6 +32,11 @@ ComfyUI's diffusion models are written for sampling, and two things in them brea
    frozen weights, which never require grad. So this part is switched on only for the families that need it
    (Flux, Chroma, Hunyuan, LTX) and for families the pack does not know; the RoPE part costs nothing.
 
+3. **`out=` writes.** The Llama/Qwen3 blocks in ``comfy/text_encoders/llama.py``, which HiDream-O1 runs as its
+   transformer, end with ``torch.add(residual, x, out=<block input>)``; autograd refuses ``out=``. Fix: while
+   training, that module's ``torch`` is a shim whose ``add`` leaves out ``out=`` when autograd records the op
+   (same values; the block returns the sum, only the overwrite of its input is skipped).
+
 Everything is undone on exit, also on exceptions: module bindings and forwards are restored to the exact
 objects they were, and the hook is popped, so sampling in the same process afterwards is bit-identical to a
 process that never trained (asserted in tests/integration/test_families.py).
@@ -40,20 +45,16 @@ from __future__ import annotations
 
 import logging
 import sys
+import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 
 from ..para_core.forward_patch import wrap_forwards
-from ..para_core.targets import family_for_model
+from ..para_core.families import FAMILIES, family_of
 
 log = logging.getLogger(__name__)
-
-# Families whose forward does not update a tensor autograd saved (no copies needed): every family measured
-# except Flux / Chroma / Hunyuan ("flux": residual `+=` on block inputs) and LTX (`addcmul_`, `+=`).
-_IN_PLACE_SAFE = frozenset({"unet", "mmdit", "auraflow", "cosmos_predict2", "cascade", "pixart", "lumina2",
-                            "qwen_image", "hidream", "wan"})
 
 # kitchen's model-math ops (not its quantization kernels): RoPE, and the fused RMSNorm + adaLN modulation that
 # ComfyUI 0.33's LTX / Lumina-style blocks call (`ck.rms_adaln`), equally without an autograd formula.
@@ -104,6 +105,39 @@ def _route_rope_through_autograd() -> Callable[[], None]:
     def restore():
         for mod, name, value in reversed(swapped):
             setattr(mod, name, value)
+    return restore
+
+
+# ---- 3. `out=` writes: the Llama/Qwen3 blocks HiDream-O1 runs as its transformer -------------------------
+# comfy/text_encoders/llama.py ends each block with torch.add(residual, x, out=<block input>), which autograd refuses
+# ("functions with out=... arguments don't support automatic differentiation").
+_OUT_WRITING_MODULES = ("comfy.text_encoders.llama",)
+
+
+class _TorchWithoutOutWhileRecording(types.ModuleType):
+    """torch, except that add(..., out=t) returns a new tensor while autograd records it (same values; the block
+    returns the result, so only the overwrite of its input is skipped); untouched otherwise."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def add(*args, out=None, **kwargs):
+        if out is None or (torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+            return torch.add(*args, **kwargs)
+        return torch.add(*args, out=out, **kwargs)
+
+
+def _drop_out_writes_while_recording() -> Callable[[], None]:
+    """Point the `torch` of the modules above (when loaded) at the shim; returns the undo."""
+    shim = _TorchWithoutOutWhileRecording("torch")
+    swapped = [m for m in (sys.modules.get(n) for n in _OUT_WRITING_MODULES) if m is not None and m.__dict__.get("torch") is torch]
+    for m in swapped:
+        m.torch = shim
+
+    def restore():
+        for m in swapped:
+            m.torch = torch
     return restore
 
 
@@ -189,11 +223,10 @@ def _diffusion_model(model) -> torch.nn.Module:
 def updates_saved_tensors_in_place(model) -> bool:
     """Whether training this model needs the saved-tensor copies (part 2): True unless its family is one whose
     forward was measured not to update saved tensors in place (plain and checkpointed training give the same
-    gradients without the copies; tests/integration/test_families.py). Unknown families get the copies."""
-    base = getattr(model, "model", model)
-    family = family_for_model(type(getattr(base, "model_config", None)).__name__,
-                              type(getattr(base, "diffusion_model", base)).__name__)
-    return family not in _IN_PLACE_SAFE
+    gradients without the copies; tests/integration/test_families.py): the record's ``in_place_safe``.
+    Unknown families get the copies."""
+    family = family_of(model)
+    return family is None or not FAMILIES[family].in_place_safe
 
 
 @contextmanager
@@ -205,6 +238,7 @@ def training_compat(model) -> Iterator[None]:
     hooks = _SnapshotSaves() if updates_saved_tensors_in_place(model) else None
     try:
         undo.append(_route_rope_through_autograd())
+        undo.append(_drop_out_writes_while_recording())
         if hooks is not None:
             undo.append(_wrap_forwards(_composite_modules(dm)))
             hooks.__enter__()

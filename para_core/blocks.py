@@ -12,18 +12,10 @@ the last one that matches a module wins, and modules no entry matches keep 1. A 
 Every key must match at least one module of the model: a misspelt block (``midle:0``) is an error that
 names it and lists the layout's blocks, rather than a silent no-op.
 
-Block vocabularies (module names as ComfyUI names them, see ``targets.detect_layout``):
-
-========  ================================================================================================
-layout    blocks
-========  ================================================================================================
-unet      ``input`` (``input_blocks.N``), ``middle`` (``middle_block``), ``output`` (``output_blocks.N``),
-          ``other`` (``time_embed``, ``label_emb``, ``out``); SD1.x/SD2.x/SDXL.
-flux      ``double`` (``double_blocks.N``), ``single`` (``single_blocks.N``), ``other`` (embedders,
-          ``final_layer``); Flux, Chroma-like.
-mmdit     ``joint`` (``joint_blocks.N``), ``other``; SD3/SD3.5.
-generic   no named blocks: ``*`` and regular expressions only.
-========  ================================================================================================
+Block vocabularies: each family's ``blocks`` in ``para_core/families.py`` (e.g. unet ``input`` / ``middle`` /
+``output``, flux ``double`` / ``single``, wan ``blocks``), plus ``other`` (every module no named block
+covers); ``generic`` has no named blocks: ``*`` and regular expressions only. The layout is the family key
+the caller found from the model's classes, else the one found from the names (``targets.detect_layout``).
 
 Cost: one regex search per (entry, module), at node time.
 """
@@ -34,16 +26,12 @@ import re
 from collections.abc import Iterable
 
 from .errors import ParaError
+from .families import FAMILIES
 from .targets import detect_layout, strip_prefix
 
-# block name -> module-name prefix (after strip_prefix); `other` is every module no named block covers.
-BLOCKS: dict[str, dict[str, str]] = {
-    "unet": {"input": "input_blocks.", "middle": "middle_block.", "output": "output_blocks."},
-    "flux": {"double": "double_blocks.", "single": "single_blocks."},
-    "mmdit": {"joint": "joint_blocks."},
-    "generic": {},
-}
-_INDEXED = re.compile(r"^([a-z]+)\.(\d+)$")
+# family key -> {block name: module-name prefix (after strip_prefix)}; `other` is every module no named block covers.
+BLOCKS: dict[str, dict[str, str]] = {key: fam.blocks for key, fam in FAMILIES.items()}
+_INDEXED = re.compile(r"^([a-z_]+)\.(\d+)$")
 
 
 def parse(spec: str) -> list[tuple[str, float]]:

@@ -24,6 +24,7 @@ import torch
 
 from . import safetensors_io
 from .errors import ParaError
+from .families import BARE_CHECKPOINT
 from .format import MatchReport, ParaModel, match_modules
 from .lora import chain_factors
 from .projection import apply_stages_
@@ -34,8 +35,6 @@ _OPEN_CLIP_PARTS = {"attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1"
 _OPEN_CLIP_ROOTS = {"conditioner.embedders.1.model.": "text_encoders.clip_g.", "cond_stage_model.model.": "text_encoders.clip_h."}
 _HF_CLIP_ROOTS = {"conditioner.embedders.0.transformer.": "text_encoders.clip_l.transformer.",
                   "cond_stage_model.transformer.": "text_encoders.clip_l.transformer."}
-_BARE_UNET = re.compile(r"^(input_blocks|middle_block|output_blocks|out\.|time_embed|label_emb|joint_blocks|x_embedder|"
-                        r"double_blocks|single_blocks|img_in|txt_in|transformer_blocks|final_layer)")
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,7 @@ class TensorSlice:
 def module_map(infos: list[safetensors_io.TensorInfo]) -> dict[str, TensorSlice]:
     """ComfyUI-native module name -> location of its weight, for every ≥2-D weight in the file."""
     keys = {t.name: t for t in infos}
-    bare = sum(1 for k in keys if _BARE_UNET.match(k)) > 5 and not any(k.startswith("model.diffusion_model.") for k in keys)
+    bare = sum(1 for k in keys if BARE_CHECKPOINT.match(k)) > 5 and not any(k.startswith("model.diffusion_model.") for k in keys)
     out: dict[str, TensorSlice] = {}
     for name, t in keys.items():
         if len(t.shape) < 2:
@@ -57,7 +56,7 @@ def module_map(infos: list[safetensors_io.TensorInfo]) -> dict[str, TensorSlice]
         if name.startswith("model.diffusion_model.") and name.endswith(".weight"):
             out["diffusion_model." + name[len("model.diffusion_model."):-len(".weight")]] = TensorSlice(name, None, t.shape[0])
             continue
-        if bare and name.endswith(".weight") and _BARE_UNET.match(name):
+        if bare and name.endswith(".weight") and BARE_CHECKPOINT.match(name):
             out["diffusion_model." + name[:-len(".weight")]] = TensorSlice(name, None, t.shape[0])
             continue
         for root, target in _HF_CLIP_ROOTS.items():

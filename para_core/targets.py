@@ -10,19 +10,17 @@ guessing at names; a model whose classes are unknown gets the layout found from 
 (:func:`detect_layout`, which ends in the generic rules), and :meth:`TargetPlan.describe` says so and lists
 what was selected.
 
-Presets:
+Presets (what each family counts as its cross-attention and time-embedding analogue, with the reason, is
+the family record in ``para_core/families.py``):
 
 * ``ExCA`` - the paper's default, "all layers except cross-attention and time embedding". Excluded per
   family: the *cross-attention analogue* (where the text conditioning enters) and the *time-embedding
-  analogue* (timestep / guidance / pooled-vector embedders and every modulation they drive), see the table.
+  analogue* (timestep / guidance / pooled-vector embedders and every modulation they drive).
 * ``self_attention`` - the image-token attention projections (in joint-attention blocks that mix text and
   image tokens, the shared projections).
 * ``attention`` - ``self_attention`` plus the attention projections of the cross-attention analogue.
 * ``all`` - every candidate.
 
-Per family (regexes in ``_RULES``; names without ``diffusion_model.``; N = block index):
-
-============== ================================ ========================================== ===============================================
 family key     model classes                    cross-attention analogue (ExCA drops)      time-embedding analogue (ExCA drops)
 ============== ================================ ========================================== ===============================================
 unet           SD1.x, SD2.x, SDXL (+refiner,    ``attn2`` (true cross-attention)           ``time_embed``, ``label_emb`` (SDXL pooled+size
@@ -79,6 +77,7 @@ analogue (unet/ltxv ``attn2``, mmdit ``context_block.attn``, flux ``txt_attn`` a
 ``cross_attn``, lumina2 ``context_refiner.*.attention``, qwen ``add_*_proj``/``to_add_out``, hidream
 ``*_t`` projections).
 
+=======
 Measured caveat (benchmarks/bench_train.py --init-study, tiny SD1.5): ExCA as the paper words it includes
 the UNet's output conv ``out.2``, whose 4 output channels get rank max(1, floor(γ·4)) = 1, so a quarter of
 the predicted latent space is removed at every pixel; excluding it (``exclude="^diffusion_model[.]out[.]"``)
@@ -96,138 +95,21 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from .families import BY_CONFIG_CLASS, BY_MODEL_CLASS
+from .families import FAMILIES as _FAMILY_RECORDS
+
 PRESETS = ("ExCA", "self_attention", "attention", "all")
 DEFAULT_PRESET = "ExCA"
 DEFAULT_GAMMA = 0.025
 PREFIX = "diffusion_model."
 
-# Per family: regexes on the name without the "diffusion_model." prefix (see the table in the docstring).
-# cross: the cross-attention analogue (dropped by ExCA); cross_attention: its attention part (added by
-# `attention`; default: all of cross); embed: the time-embedding analogue (dropped by ExCA, never attention);
-# self: the image self-attention projections.
-_FLUX = {
-    "cross": r"\.txt_(attn|mlp)\.|^txt_in(\.|$)",
-    "cross_attention": r"\.txt_attn\.|^txt_in\..*\.self_attn\.",
-    "embed": r"^(time_in|vector_in|guidance_in|time_text_embed|distilled_guidance_layer)(\.|$)"
-             r"|\.(img_mod|txt_mod|modulation)\.|(^|\.)\w*modulation\w*(\.|$)|^txt_in\.(t_embedder|c_embedder)\.",
-    "self": r"\.img_attn\.|^single_blocks\.\d+\.linear[12]$",
-}
-_LUMINA2 = {
-    "cross": r"^(context_refiner|cap_embedder)(\.|$)",
-    "cross_attention": r"^context_refiner\.\d+\.attention\.",
-    "embed": r"^(t_embedder|clip_text_pooled_proj|time_text_embed)(\.|$)|(^|\.)adaLN_modulation(\.|$)",
-    "self": r"^(layers|noise_refiner)\.\d+\.attention\.",
-}
-_RULES: dict[str, dict[str, str]] = {
-    "unet": {
-        "cross": r"\.attn2\.",
-        "embed": r"^(time_embed|label_emb)(\.|$)|\.emb_layers\.",
-        "self": r"\.attn1\.",
-    },
-    "mmdit": {
-        "cross": r"\.context_block\.|^context_embedder(\.|$)",
-        "cross_attention": r"\.context_block\.attn2?\.",
-        "embed": r"^(t_embedder|y_embedder)(\.|$)|(^|\.)adaLN_modulation\.",
-        "self": r"\.x_block\.attn2?\.",
-    },
-    "unet_diffusers": {  # sd-scripts' SD1.x UNet (library/original_unet.py): diffusers module names
-        "cross": r"\.attn2\.",
-        "embed": r"^(time_embedding|add_embedding)(\.|$)|\.time_emb_proj$",
-        "self": r"\.attn1\.",
-    },
-    "flux": _FLUX,
-    "auraflow": {
-        "cross": r"^cond_seq_linear(\.|$)|^double_layers\.\d+\.(mlpC|attn\.w1[qkvo])(\.|$)",
-        "cross_attention": r"^double_layers\.\d+\.attn\.w1[qkvo]$",
-        "embed": r"^t_embedder\.|(^|\.)mod(C|X|CX|F)(\.|$)",
-        "self": r"^double_layers\.\d+\.attn\.w2[qkvo]$|^single_layers\.\d+\.attn\.w1[qkvo]$",
-    },
-    "cosmos_predict2": {
-        "cross": r"\.cross_attn\.",
-        "embed": r"^t_embedder\.|(^|\.)adaln_modulation",
-        "self": r"\.self_attn\.",
-    },
-    "cascade": {
-        "cross": r"^clip_(txt|txt_pooled|img)_mapper(\.|$)|\.kv_mapper\.",
-        "cross_attention": r"\.kv_mapper\.",
-        "embed": r"\.mapper(_sca|_crp)?$",
-        "self": r"\.attention\.attn\.",
-    },
-    "pixart": {
-        "cross": r"\.cross_attn\.|^y_embedder\.",
-        "cross_attention": r"\.cross_attn\.",
-        "embed": r"^(t_block|t_embedder|ar_embedder|csize_embedder)(\.|$)",
-        "self": r"^blocks\.\d+\.attn\.",
-    },
-    "lumina2": _LUMINA2,
-    "qwen_image": {
-        "cross": r"^txt_in(\.|$)|\.txt_mlp\.|\.attn\.(add_[qkv]_proj|to_add_out)$",
-        "cross_attention": r"\.attn\.(add_[qkv]_proj|to_add_out)$",
-        "embed": r"^(time_text_embed|norm_out)\.|\.(img_mod|txt_mod)\.",
-        "self": r"\.attn\.(to_[qkv]|to_out\.\d+)$",
-    },
-    "hidream": {
-        "cross": r"^caption_projection\.|\.attn1\.to_(q|k|v|out)_t$|\.ff_t\.",
-        "cross_attention": r"\.attn1\.to_(q|k|v|out)_t$",
-        "embed": r"^(t_embedder|p_embedder)\.|(^|\.)adaLN_modulation(\.|$)",
-        "self": r"\.attn1\.to_(q|k|v|out)$",
-    },
-    "wan": {
-        "cross": r"^(text_embedding|img_emb)(\.|$)|\.cross_attn\.",
-        "cross_attention": r"\.cross_attn\.",
-        "embed": r"^(time_embedding|time_projection)(\.|$)",
-        "self": r"\.self_attn\.",
-    },
-    "ltxv": {
-        "cross": r"^(audio_)?caption_projection(\.|$)|\.(audio_)?attn2\.",
-        "cross_attention": r"\.(audio_)?attn2\.",
-        "embed": r"(^|_)adaln_single(\.|$)",
-        "self": r"\.(audio_)?attn1\.",
-    },
-    "generic": {
-        "cross": r"(^|\.)(attn2|cross_attn|crossattn|cross_attention)(\.|$)",
-        "embed": r"(^|[._])(time|t|y|label|timestep|guidance|vector|context|pooled)_?(embed|embedder|emb|embedding|in|proj)(\.|$)"
-                 r"|(^|\.)emb_layers\.|modulation",
-        "self": r"(^|\.)(attn1|self_attn|attn|attention)(\.|$)",
-    },
-}
-FAMILIES = tuple(_RULES)
-
-# ComfyUI model classes -> family key. First the model config class (comfy.supported_models.<name>), which
-# names the architecture; then the diffusion model's class for configs this table does not list.
-_CONFIG_FAMILIES = {
-    **dict.fromkeys(("SD15", "SD20", "SD21UnclipL", "SD21UnclipH", "SDXLRefiner", "SDXL", "SSD1B", "Segmind_Vega",
-                     "KOALA_700M", "KOALA_1B", "SVD_img2vid", "SV3D_u", "SV3D_p", "Stable_Zero123", "SD_X4Upscaler",
-                     "SD15_instructpix2pix", "SDXL_instructpix2pix", "LotusD"), "unet"),
-    "SD3": "mmdit",
-    **dict.fromkeys(("Flux", "FluxInpaint", "FluxSchnell", "Flux2", "Chroma", "ChromaRadiance", "HunyuanVideo",
-                     "HunyuanVideoI2V", "HunyuanVideoSkyreelsI2V", "HunyuanImage21", "HunyuanImage21Refiner",
-                     "HunyuanVideo15", "HunyuanVideo15_SR_Distilled"), "flux"),
-    "AuraFlow": "auraflow",
-    **dict.fromkeys(("CosmosT2IPredict2", "CosmosI2VPredict2"), "cosmos_predict2"),
-    **dict.fromkeys(("Stable_Cascade_C", "Stable_Cascade_B"), "cascade"),
-    **dict.fromkeys(("PixArtAlpha", "PixArtSigma"), "pixart"),
-    **dict.fromkeys(("Lumina2", "ZImage"), "lumina2"),
-    "QwenImage": "qwen_image",
-    "HiDream": "hidream",
-    **dict.fromkeys(("WAN21_T2V", "WAN21_I2V", "WAN21_FunControl2V", "WAN21_Camera", "WAN22_Camera", "WAN21_Vace",
-                     "WAN21_HuMo", "WAN22_S2V", "WAN22_Animate", "WAN22_T2V"), "wan"),
-    **dict.fromkeys(("LTXV", "LTXAV"), "ltxv"),
-}
-_MODEL_FAMILIES = {
-    "UNetModel": "unet", "OpenAISignatureMMDITWrapper": "mmdit", "Flux": "flux", "Chroma": "flux",
-    "ChromaRadiance": "flux", "HunyuanVideo": "flux", "MiniTrainDIT": "cosmos_predict2", "StageC": "cascade",
-    "StageB": "cascade", "PixArtMS": "pixart", "PixArt": "pixart", "NextDiT": "lumina2",
-    "QwenImageTransformer2DModel": "qwen_image", "HiDreamImageTransformer2DModel": "hidream", "WanModel": "wan",
-    "VaceWanModel": "wan", "CameraWanModel": "wan", "HumoWanModel": "wan", "WanModel_S2V": "wan",
-    "AnimateWanModel": "wan", "LTXVModel": "ltxv", "LTXAVModel": "ltxv",
-}
+FAMILIES = tuple(_FAMILY_RECORDS)
 
 
 def family_for_model(config_class: str | None, diffusion_model_class: str | None = None) -> str | None:
     """The family key for ComfyUI's model classes (class names, e.g. ``"Flux"``, ``"WanModel"``), or None
     when neither is known (the caller then falls back to the layout found from module names)."""
-    return _CONFIG_FAMILIES.get(config_class or "") or _MODEL_FAMILIES.get(diffusion_model_class or "")
+    return BY_CONFIG_CLASS.get(config_class or "") or BY_MODEL_CLASS.get(diffusion_model_class or "")
 
 
 def strip_prefix(name: str) -> str:
@@ -235,18 +117,12 @@ def strip_prefix(name: str) -> str:
 
 
 def detect_layout(names: Iterable[str]) -> str:
-    """'unet', 'unet_diffusers', 'mmdit', 'flux' or 'generic', from the module names alone (for models whose ComfyUI classes
-    :func:`family_for_model` does not know)."""
+    """The family whose ``layout_prefixes`` the module names show (unet, mmdit, flux), else 'generic': from
+    the names alone, for models whose ComfyUI classes :func:`family_for_model` does not know."""
     names = [strip_prefix(n) for n in names]
-    if any(n.startswith("joint_blocks.") for n in names):
-        return "mmdit"
-    if any(n.startswith(("double_blocks.", "single_blocks.")) for n in names):
-        return "flux"
-    if any(n.startswith(("input_blocks.", "middle_block.", "output_blocks.")) for n in names):
-        return "unet"
-    if any(re.match(r"(down_blocks|up_blocks)\.\d+\.(attentions|resnets)\.|mid_block\.(attentions|resnets)\.", n)
-           for n in names):  # diffusers' UNet (Stable Cascade's down_blocks.N.M are not this)
-        return "unet_diffusers"
+    for key, fam in _FAMILY_RECORDS.items():
+        if fam.layout_prefixes and any(n.startswith(fam.layout_prefixes) for n in names):
+            return key
     return "generic"
 
 
@@ -258,17 +134,16 @@ def preset_selects(preset: str, name: str, layout: str) -> bool:
     """Whether `preset` selects module `name` (prefix optional) of a model with this layout."""
     if preset not in PRESETS:
         raise ValueError(f"unknown target preset '{preset}', expected one of {', '.join(PRESETS)}")
-    rules = _RULES[layout]
+    fam = _FAMILY_RECORDS[layout]
     n = strip_prefix(name)
     if preset == "all":
         return True
     if preset == "ExCA":
-        return not (_match(rules["cross"], n) or _match(rules["embed"], n))
-    is_self = _match(rules["self"], n) and not _match(rules["embed"], n)
+        return not (_match(fam.cross, n) or _match(fam.embed, n))
+    is_self = _match(fam.self_attention, n) and not _match(fam.embed, n)
     if preset == "self_attention":
         return is_self
-    cross_attn = rules.get("cross_attention", rules["cross"])
-    return is_self or (_match(cross_attn, n) and not _match(rules["embed"], n))
+    return is_self or (_match(fam.cross_attention or fam.cross, n) and not _match(fam.embed, n))
 
 
 def _compile(patterns: str | Iterable[str] | None, what: str) -> list[re.Pattern]:
@@ -328,6 +203,7 @@ class TargetPlan:
     gamma: float = DEFAULT_GAMMA
     include: str = ""
     exclude: str = ""
+    from_names: bool = False  # set by a caller whose model's classes named no family (layout found from names)
 
     @property
     def names(self) -> list[str]:
@@ -348,6 +224,9 @@ class TargetPlan:
         if self.layout == "generic":
             line += ("\nmodel family not recognised: generic name rules (cross-attention = attn2/cross_attn, "
                      "time embedding = *_embed*/time_*/*modulation*); selected: " + ", ".join(name_patterns(self.names)))
+        elif self.from_names:
+            line += (f"\nmodel family not recognised from its classes: {self.layout} rules chosen from the layer names; "
+                     "selected: " + ", ".join(name_patterns(self.names)))
         return line
 
     def targets_string(self) -> str:
@@ -373,8 +252,8 @@ def name_patterns(names: Iterable[str]) -> list[str]:
 def plan(out_dims: Mapping[str, int], preset: str = DEFAULT_PRESET, rank: int = 8, gamma: float = DEFAULT_GAMMA,
          include: str | None = None, exclude: str | None = None, layout: str | None = None) -> TargetPlan:
     """Select layers from candidates {name: output dim} and give each its effective rank. `layout` is a family
-    key (see the table; from :func:`family_for_model`); None: the layout found from the names."""
-    if layout is not None and layout not in _RULES:
+    key (``para_core.families``; from :func:`family_for_model`); None: the layout found from the names."""
+    if layout is not None and layout not in _FAMILY_RECORDS:
         raise ValueError(f"unknown model family '{layout}', expected one of {', '.join(FAMILIES)}")
     layout = layout or detect_layout(out_dims)
     chosen = select(out_dims, preset, include, exclude, layout)

@@ -68,3 +68,13 @@ def test_describe_lists_only_changed_blocks():
     assert describe(resolve("middle:0.5, output:0", UNET)) == "middle ×0.5, output ×0"
     assert describe(resolve("output.2:0.25", UNET)) == "output ×0.25/1"
     assert describe(resolve("", UNET)) == ""
+
+
+def test_families_from_the_record_have_named_blocks():
+    """Wan and Qwen-Image get named blocks from the family record when the caller knows the family."""
+    wan = ["blocks.0.self_attn.q", "blocks.1.cross_attn.k", "text_embedding.0", "head.head"]
+    assert resolve("blocks.1:0, other:0.5", wan, layout="wan") == {"blocks.0.self_attn.q": 1.0, "blocks.1.cross_attn.k": 0.0,
+                                                                  "text_embedding.0": 0.5, "head.head": 0.5}
+    qwen = ["transformer_blocks.0.attn.to_q", "img_in"]
+    assert resolve("blocks:0", qwen, layout="qwen_image") == {"transformer_blocks.0.attn.to_q": 0.0, "img_in": 1.0}
+    assert describe({"diffusion_model.transformer_blocks.0.attn.to_q.weight": 0.0}, "qwen_image") == "blocks ×0"

@@ -366,3 +366,53 @@ def test_unknown_family_uses_generic_rules_and_lists_the_selection():
 def test_unknown_family_key_is_rejected():
     with pytest.raises(ValueError, match="unknown model family 'nope'"):
         plan({P + "x": 8}, "ExCA", layout="nope")
+
+
+def test_family_record_is_complete_and_unambiguous():
+    """Every family of the record says why for both analogues, its patterns compile, and no ComfyUI class
+    names two families (BY_CONFIG_CLASS / BY_MODEL_CLASS would silently keep the last)."""
+    import re
+
+    from para_core.families import _ALL, BY_CONFIG_CLASS, BY_MODEL_CLASS
+    for fam in _ALL:
+        assert fam.cross_why and fam.embed_why and fam.models, fam.key
+        for pattern in (fam.cross, fam.embed, fam.self_attention, fam.cross_attention or fam.cross):
+            re.compile(pattern)
+    assert len(BY_CONFIG_CLASS) == sum(len(f.config_classes) for f in _ALL)
+    assert len(BY_MODEL_CLASS) == sum(len(f.model_classes) for f in _ALL)
+
+
+def test_new_families_are_recognised_by_class():
+    assert family_for_model("LongCatImage", "Flux") == "flux"
+    assert family_for_model("ZImagePixelSpace") == family_for_model(None, "NextDiTPixelSpace") == "lumina2"
+    assert family_for_model("MageFlow") == family_for_model("Lens") == "qwen_image"
+    assert family_for_model("Anima") == "cosmos_predict2"
+    for cfg in ("WAN21_CausalAR_T2V", "WAN_Animate2", "WAN21_SCAIL", "WAN21_SCAIL2", "WAN21_FlowRVS", "WAN22_WanDancer"):
+        assert family_for_model(cfg) == "wan"
+    assert family_for_model("JoyImage", "JoyImageTransformer3DModel") == "joyimage"
+    assert family_for_model("Boogu") == family_for_model("Omnigen2") == "omnigen2"
+
+
+def test_pixel_decoder_modulation_is_kept_and_transformer_modulation_dropped():
+    """Z-Image pixel space: dec_net's adaLN is driven by the image tokens (kept), the layers' by t (dropped)."""
+    names = [P + n for n in ("layers.0.adaLN_modulation.0", "noise_refiner.0.adaLN_modulation.0", "layers.0.attention.qkv",
+                             "dec_net.res_blocks.0.adaLN_modulation.1", "dec_net.cond_embed", "cap_embedder.1")]
+    assert set(select(names, "ExCA", layout="lumina2")) == {P + "layers.0.attention.qkv",
+                                                            P + "dec_net.res_blocks.0.adaLN_modulation.1",
+                                                            P + "dec_net.cond_embed"}
+
+
+def test_mochi_preset_on_its_real_names():
+    """Genmo Mochi (no tiny instance: its blocks assert the full 3072-wide MLP); names as ComfyUI builds them."""
+    names = [P + n for n in ("blocks.0.attn.proj_x", "blocks.0.attn.proj_y", "blocks.0.attn.qkv_x", "blocks.0.attn.qkv_y",
+                             "blocks.0.mlp_x.w1", "blocks.0.mlp_x.w2", "blocks.0.mlp_y.w1", "blocks.0.mlp_y.w2",
+                             "blocks.0.mod_x", "blocks.0.mod_y", "final_layer.linear", "final_layer.mod",
+                             "t5_y_embedder.to_kv", "t5_y_embedder.to_out", "t5_y_embedder.to_q", "t5_yproj",
+                             "t_embedder.mlp.0", "x_embedder.proj")]
+    key = family_for_model("GenmoMochi", "AsymmDiTJoint")
+    assert key == "mochi"
+    assert set(select(names, "ExCA", layout=key)) == {P + n for n in ("blocks.0.attn.proj_x", "blocks.0.attn.qkv_x",
+                                                                      "blocks.0.mlp_x.w1", "blocks.0.mlp_x.w2",
+                                                                      "final_layer.linear", "x_embedder.proj")}
+    assert set(select(names, "self_attention", layout=key)) == {P + "blocks.0.attn.proj_x", P + "blocks.0.attn.qkv_x"}
+    assert set(select(names, "attention", layout=key)) == {P + f"blocks.0.attn.{n}" for n in ("proj_x", "qkv_x", "proj_y", "qkv_y")}

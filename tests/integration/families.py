@@ -1,4 +1,4 @@
-"""Tiny instances of every model family ComfyUI 0.8 loads, for the family matrix (test helpers).
+"""Tiny instances of every generator family ComfyUI loads (0.8's, plus 0.33's newer ones), for the family matrix.
 
 Each family is built the way ComfyUI builds a detected model - ``comfy.supported_models.<Class>(unet_config)``
 then ``get_model()`` - but with a small hand-written config instead of one detected from a checkpoint (the
@@ -9,10 +9,11 @@ initialised explicitly (ComfyUI's ops skip init): N(0, 1/fan_in) matrices, unit 
 
 ``FAMILIES`` is the one table: family key -> Family(supported_models class, unet_config, latent shape of one
 sample (C, H, W) or (C, T, H, W), conditioning tokens x dim, extra conditioning tensors (pooled output,
-llama3 layers) and extra conditioning values).
+llama3 layers) and extra conditioning values). ``available()`` is the part the running ComfyUI has classes for.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -30,11 +31,17 @@ class Family:
     extra_tensors: dict = field(default_factory=dict)   # name -> shape, e.g. pooled_output
     extra_values: dict = field(default_factory=dict)    # name -> python value, e.g. guidance
     video: bool = False
+    over_class_defaults: bool = False   # unet_config wins over the class's unet_extra_config (full-size defaults)
 
 
 _UNET = dict(use_checkpoint=False, image_size=32, use_spatial_transformer=True, legacy=False, num_res_blocks=[1, 1],
              channel_mult=[1, 2], transformer_depth_middle=-2, use_temporal_resblock=False, use_temporal_attention=False,
              num_head_channels=-1, num_heads=2)
+
+WAN_TINY = dict(
+        image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), text_len=8, in_dim=16, dim=64, ffn_dim=128,
+        freq_dim=32, text_dim=64, out_dim=16, num_heads=2, num_layers=1, window_size=(-1, -1), qk_norm=True,
+        cross_attn_norm=True, eps=1e-6)
 
 FAMILIES: dict[str, Family] = {
     "sd15": Family("SD15", dict(_UNET, in_channels=4, out_channels=4, model_channels=32, context_dim=768,
@@ -125,6 +132,97 @@ FAMILIES: dict[str, Family] = {
         extra_values={"attention_mask": torch.ones(1, 4, dtype=torch.long)}, video=True),
 }
 
+# Added with ComfyUI 0.33's generators (OmniGen2, Kandinsky 5, HunyuanDiT and Cosmos 1 are in 0.8 too); `available()` leaves out the
+# families the running ComfyUI has no class for.
+FAMILIES.update({
+    "longcat_image": Family("LongCatImage", dict(
+        image_model="flux", in_channels=16, out_channels=16, vec_in_dim=None, context_in_dim=64, hidden_size=64,
+        mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000, patch_size=2,
+        qkv_bias=True, guidance_embed=False, txt_ids_dims=[1, 2]), (16, 8, 8), 4, 64),
+    "z_image_pixel": Family("ZImagePixelSpace", dict(
+        image_model="zimage_pixel", patch_size=2, in_channels=3, dim=256, cap_feat_dim=64, n_layers=1, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, qk_norm=True, axes_dims=[32, 48, 48], axes_lens=[64, 64, 64], rope_theta=256.0,
+        ffn_dim_multiplier=8.0 / 3.0, multiple_of=16, z_image_modulation=True, time_scale=1000.0, pad_tokens_multiple=8,
+        decoder_hidden_size=32, decoder_num_res_blocks=1), (3, 8, 8), 4, 64),
+    "lens": Family("Lens", dict(
+        image_model="lens", patch_size=2, in_channels=128, out_channels=32, num_layers=1, attention_head_dim=32,
+        num_attention_heads=2, enc_hidden_dim=32, axes_dims_rope=(8, 12, 12), selected_layer_index=(0, 1)),
+        (128, 4, 4), 4, 64),
+    "mage_flow": Family("MageFlow", dict(
+        image_model="mage_flow", in_channels=128, out_channels=128, num_layers=1, attention_head_dim=32,
+        num_attention_heads=2, joint_attention_dim=64, axes_dims_rope=(8, 12, 12)), (128, 4, 4), 4, 64),
+    "ernie_image": Family("ErnieImage", dict(
+        image_model="ernie", hidden_size=64, num_attention_heads=2, num_layers=1, ffn_hidden_size=128, in_channels=128,
+        out_channels=128, text_in_dim=32, rope_axes_dim=(8, 12, 12)), (128, 4, 4), 4, 32),
+    "joyimage": Family("JoyImage", dict(
+        image_model="joyimage", patch_size=[1, 2, 2], in_channels=16, hidden_size=64, num_attention_heads=2, text_dim=64,
+        num_layers=1, rope_dim_list=[8, 12, 12], theta=10000), (16, 1, 8, 8), 4, 64, over_class_defaults=True),
+    "krea2": Family("Krea2", dict(
+        image_model="krea2", features=64, tdim=32, txtdim=64, heads=2, kvheads=2, multiplier=2, layers=1, patch=2,
+        channels=16, txtlayers=1, txtheads=2, txtkvheads=2), (16, 1, 8, 8), 4, 64),
+    "ideogram4": Family("Ideogram4", dict(
+        image_model="ideogram4", in_channels=128, num_layers=1, num_attention_heads=2, attention_head_dim=32,
+        intermediate_size=128, adaln_dim=32, llm_features_dim=64, rope_theta=10000, mrope_section=[4, 6, 6],
+        norm_eps=1e-5), (128, 4, 4), 4, 64, over_class_defaults=True),
+    "boogu": Family("Boogu", dict(
+        image_model="boogu", patch_size=2, in_channels=16, hidden_size=64, num_layers=2, num_double_stream_layers=1,
+        num_refiner_layers=1, num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(8, 12, 12),
+        axes_lens=(64, 64, 64), instruction_feat_dim=64), (16, 8, 8), 4, 64,
+        extra_values={"attention_mask": torch.ones(1, 4, dtype=torch.long)}),
+    "cogvideox": Family("CogVideoX_T2V", dict(
+        image_model="cogvideox", num_attention_heads=2, attention_head_dim=32, in_channels=16, out_channels=16,
+        time_embed_dim=32, text_embed_dim=64, num_layers=1, sample_width=8, sample_height=8, sample_frames=5,
+        max_text_seq_length=4, use_rotary_positional_embeddings=True), (16, 2, 8, 8), 4, 64, video=True),
+    "pixeldit": Family("PixelDiTT2I", dict(
+        image_model="pixeldit_t2i", in_channels=3, num_groups=2, hidden_size=64, pixel_hidden_size=8,
+        pixel_attn_hidden_size=32, pixel_num_groups=2, patch_depth=1, pixel_depth=1, patch_size=4, txt_embed_dim=64,
+        txt_max_length=8), (3, 16, 16), 4, 64),
+    "hidream_o1": Family("HiDreamO1", dict(
+        image_model="hidream_o1", text_config_overrides=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, rope_dims=[4, 6, 6]),
+        vision_config_overrides=dict(hidden_size=32, num_heads=2, intermediate_size=64, depth=1, num_position_embeddings=64,
+                                     deepstack_visual_indexes=())), (3, 64, 64), 4, 64,
+        extra_values={"text_input_ids": torch.tensor([[11, 12, 13, 14]])}),
+    "anima": Family("Anima", dict(
+        image_model="anima", max_img_h=64, max_img_w=64, max_frames=8, in_channels=16, out_channels=16, patch_spatial=2,
+        patch_temporal=1, concat_padding_mask=True, model_channels=64, num_blocks=1, num_heads=2, crossattn_emb_channels=1024,
+        pos_emb_cls="rope3d", pos_emb_learnable=True, pos_emb_interpolation="crop", min_fps=1, max_fps=30,
+        use_adaln_lora=True, adaln_lora_dim=16, extra_per_block_abs_pos_emb=False, rope_h_extrapolation_ratio=4.0,
+        rope_w_extrapolation_ratio=4.0, rope_t_extrapolation_ratio=1.0, extra_h_extrapolation_ratio=1.0,
+        extra_w_extrapolation_ratio=1.0, extra_t_extrapolation_ratio=1.0, rope_enable_fps_modulation=False),
+        (16, 1, 8, 8), 4, 1024, video=True),
+    "omnigen2": Family("Omnigen2", dict(
+        image_model="omnigen2", patch_size=2, in_channels=16, hidden_size=64, num_layers=1, num_refiner_layers=1,
+        num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(8, 12, 12), axes_lens=(64, 64, 64),
+        text_feat_dim=64), (16, 8, 8), 4, 64, extra_values={"attention_mask": torch.ones(1, 4, dtype=torch.long)}),
+    "kandinsky5": Family("Kandinsky5", dict(
+        image_model="kandinsky5", in_visual_dim=16, out_visual_dim=16, in_text_dim=64, in_text_dim2=32, time_dim=32,
+        model_dim=64, ff_dim=128, visual_embed_dim=132, patch_size=(1, 2, 2), num_text_blocks=1, num_visual_blocks=1,
+        axes_dims=(8, 12, 12)), (16, 3, 8, 8), 4, 64, {"pooled_output": (1, 32)}, video=True),
+    "hunyuan_dit": Family("HunyuanDiT", dict(
+        image_model="hydit", input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=2,
+        text_states_dim=64, text_states_dim_t5=64, text_len=4, text_len_t5=4, learn_sigma=True), (4, 8, 8), 4, 64,
+        {"conditioning_mt5xl": (1, 4, 64)}, {"attention_mask": torch.ones(1, 4, dtype=torch.long),
+                                              "attention_mask_mt5xl": torch.ones(1, 4, dtype=torch.long)}),
+    "cosmos1": Family("CosmosT2V", dict(
+        image_model="cosmos", max_img_h=64, max_img_w=64, max_frames=8, in_channels=16, out_channels=16, patch_spatial=2,
+        patch_temporal=1, model_channels=64, block_config="FA-CA-MLP", concat_padding_mask=True, pos_emb_cls="rope3d",
+        pos_emb_learnable=False, pos_emb_interpolation="crop", block_x_format="THWBD", affline_emb_norm=True,
+        use_adaln_lora=True, adaln_lora_dim=16, num_blocks=1, num_heads=2, extra_per_block_abs_pos_emb=True,
+        rope_h_extrapolation_ratio=1.0, rope_w_extrapolation_ratio=1.0, rope_t_extrapolation_ratio=2.0,
+        extra_per_block_abs_pos_emb_type="learnable", crossattn_emb_channels=64), (16, 2, 8, 8), 4, 64, video=True),
+    "wan21_causal": Family("WAN21_CausalAR_T2V", WAN_TINY, (16, 3, 8, 8), 4, 64, video=True),
+    "wan_animate2": Family("WAN_Animate2", dict(WAN_TINY, model_type="animate2"), (16, 3, 8, 8), 4, 64, video=True),
+})
+
+
+def available() -> list[str]:
+    """The family keys whose supported_models class the running ComfyUI has (feature detection: conftest's
+    check_importable has imported comfy.supported_models by collection time; none without ComfyUI)."""
+    sm = sys.modules.get("comfy.supported_models")
+    return [k for k, f in FAMILIES.items() if sm is not None and hasattr(sm, f.config_class)]
+
+
 
 def init_weights(module: torch.nn.Module, seed: int = GEN_SEED) -> None:
     """Explicit init (ComfyUI's ops leave parameters uninitialised): N(0, 1/fan_in) for ≥2-D weights and
@@ -163,6 +261,8 @@ def build(key: str):
         import comfy.supported_models
         fam = FAMILIES[key]
         mc = getattr(comfy.supported_models, fam.config_class)(dict(fam.unet_config))
+        if fam.over_class_defaults:
+            mc.unet_config.update(fam.unet_config)
         mc.set_inference_dtype(torch.float32, None)
         model = mc.get_model({}, "", device="cpu")
         init_weights(model.diffusion_model)

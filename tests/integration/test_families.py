@@ -1,12 +1,12 @@
-"""The family matrix: every model family ComfyUI 0.8 loads, as a tiny instance (families.py), through the
-pack's nodes in a real ComfyUI.
+"""The family matrix: every generator family the running ComfyUI loads (0.8's; on 0.33 also its newer ones), as a
+tiny instance (families.py), through the pack's nodes in a real ComfyUI.
 
 Per family:
 * Load PaRa with a native name, a LoRA-style alias (kohya / diffusers, from ComfyUI's own LoRA key map) and,
   where the family has fused projections, a sliced alias: patched weights against float64; Merge PaRa
   (sequential) then Apply PaRa, and PaRa then ComfyUI's LoRA loader on the same layer: against float64.
 * The presets are decided from the model's classes, and ExCA drops the family's cross-attention and
-  time-embedding analogues (the groups listed in issue 7).
+  time-embedding analogues (issue 7's groups; for 0.33's families, those in para_core/families.py).
 * Train PaRa through ComfyUI's executor: finite losses; on SD1.5, SDXL, Flux, Qwen-Image and Wan 24 steps
   whose loss falls; checkpointing and dtype spread over the families; video families on multi-frame latents.
   The denoiser evaluated on fixed inputs after training equals, bit for bit, the one before (nothing the
@@ -29,7 +29,7 @@ import families as F
 from harness import bits_equal
 from reference import assert_rel_close, project64
 
-FAMILY_KEYS = list(F.FAMILIES)
+FAMILY_KEYS = F.available()  # families the running ComfyUI has a class for (0.8 lacks the later ones)
 
 # Train PaRa settings per family: (steps, gradient_checkpointing, training_dtype). 24 steps where the loss
 # must fall; elsewhere 3 steps; checkpointing and bf16 spread so that each occurs on several layouts.
@@ -41,6 +41,14 @@ TRAIN = {
     "chroma": (3, True, "fp32"), "lumina2": (3, False, "bf16"), "z_image": (3, True, "fp32"),
     "hidream": (3, False, "fp32"), "hunyuan_video": (3, True, "bf16"), "hunyuan_image21": (3, False, "fp32"),
     "wan22_5b": (3, True, "fp32"), "ltxv": (3, True, "bf16"),
+    # families added with ComfyUI 0.33's (OmniGen2, Kandinsky 5, HunyuanDiT and Cosmos 1 are in 0.8 too): 2 steps, fp32/bf16 and checkpointing spread
+    "longcat_image": (2, True, "bf16"), "z_image_pixel": (2, False, "fp32"), "lens": (2, True, "fp32"),
+    "mage_flow": (2, False, "bf16"), "ernie_image": (2, True, "bf16"), "joyimage": (2, False, "fp32"),
+    "krea2": (2, True, "fp32"), "ideogram4": (2, False, "bf16"), "boogu": (2, True, "fp32"),
+    "omnigen2": (2, False, "bf16"), "kandinsky5": (2, True, "fp32"), "hunyuan_dit": (2, True, "bf16"),
+    "cosmos1": (2, False, "fp32"),
+    "cogvideox": (2, False, "bf16"), "pixeldit": (2, True, "bf16"), "hidream_o1": (2, True, "fp32"),
+    "anima": (2, True, "bf16"), "wan21_causal": (2, True, "fp32"), "wan_animate2": (2, False, "bf16"),
 }
 
 # (family key in para_core.targets, name fragments ExCA must drop: issue 7's list per family)
@@ -70,6 +78,31 @@ EXCA_DROPS = {
     "wan21": ("wan", ["text_embedding", "time_embedding", "time_projection", ".cross_attn."]),
     "wan22_5b": ("wan", ["text_embedding", "time_embedding", "time_projection", ".cross_attn."]),
     "ltxv": ("ltxv", ["adaln_single", "caption_projection", "attn2."]),
+    "longcat_image": ("flux", ["txt_in", "txt_attn.", "txt_mlp.", "txt_mod.", "img_mod.", "modulation", "time_in."]),
+    "z_image_pixel": ("lumina2", ["context_refiner.", "cap_embedder.", ".t_embedder.", "layers.0.adaLN_modulation",
+                                  "noise_refiner.0.adaLN_modulation"]),
+    "lens": ("qwen_image", ["txt_in", "txt_qkv", "to_add_out", "txt_mlp.", "img_mod.", "txt_mod.", "time_text_embed.",
+                            "norm_out."]),
+    "mage_flow": ("qwen_image", ["txt_in", "txt_mlp.", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "img_mod.",
+                                 "txt_mod.", "time_text_embed.", "norm_out."]),
+    "ernie_image": ("ernie", ["text_proj", "time_embedding.", "adaLN_modulation", "final_norm."]),
+    "joyimage": ("joyimage", ["text_embedder.", "txt_attn_", "txt_mlp.", "time_embedder.", "time_proj"]),
+    "krea2": ("krea2", ["txtfusion.", "txtmlp.", "tmlp.", "tproj."]),
+    "ideogram4": ("ideogram4", ["llm_cond_proj", "t_embedding.", "adaln_proj", "adaln_modulation"]),
+    "omnigen2": ("omnigen2", ["caption_embedder.", "context_refiner.", "timestep_embedder.", "norm1.linear", "norm_out."]),
+    "kandinsky5": ("kandinsky5", ["text_embeddings.", "text_transformer_blocks.", "cross_attention.", "time_embeddings.",
+                                  "pooled_text_embeddings.", "modulation."]),
+    "hunyuan_dit": ("hunyuan_dit", ["attn2.", "mlp_t5.", "t_embedder.", "pooler.", "extra_embedder.", "default_modulation.",
+                                    "adaLN_modulation."]),
+    "cosmos1": ("cosmos1", ["blocks.1.block.", "t_embedder.", "adaLN_modulation"]),
+    "boogu": ("omnigen2", ["caption_embedder.", "context_refiner.", "instruct_to_", "instruct_out", "instruct_feed_forward.",
+                        "timestep_embedder.", "norm1.linear", "img_norm2.linear", "img_norm3.linear", "norm_out."]),
+    "cogvideox": ("cogvideox", ["text_proj", "time_embedding_linear", "norm1.linear", "norm2.linear", "norm_out."]),
+    "pixeldit": ("pixeldit", ["y_embedder.", "qkv_y", "proj_y", "mlp_y.", "t_embedder.", "adaLN_modulation"]),
+    "hidream_o1": ("hidream_o1", ["embed_tokens", "visual.", "t_embedder1."]),
+    "anima": ("cosmos_predict2", ["llm_adapter.", ".cross_attn.", "adaln_modulation", "t_embedder."]),
+    "wan21_causal": ("wan", ["text_embedding", "time_embedding", "time_projection", ".cross_attn."]),
+    "wan_animate2": ("wan", ["text_embedding", "time_embedding", "time_projection", ".cross_attn.", "img_emb."]),
 }
 
 
@@ -261,6 +294,7 @@ def test_training_compat_restores_everything_also_on_error(comfy):
     flux_math = importlib.import_module("comfy.ldm.flux.math")
     wan_model = importlib.import_module("comfy.ldm.wan.model")
     quant_ops = importlib.import_module("comfy.quant_ops")
+    llama = importlib.import_module("comfy.text_encoders.llama")
     trainer_module = sys.modules[comfy.nodes.NODE_CLASS_MAPPINGS["PaRaTrainer"].__module__]
     model = F.build("flux_dev")
     dm = model.model.diffusion_model
@@ -280,6 +314,7 @@ def test_training_compat_restores_everything_also_on_error(comfy):
                 assert eager(flux_math.apply_rope) or eager(ck.apply_rope)
                 assert all(eager(getattr(ck, n)) for n in ck_bindings)
             assert "forward" in dm.double_blocks[0].__dict__
+            assert llama.torch is not torch and llama.torch.add is not torch.add  # out= dropped while recording
             assert torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
             raise RuntimeError("boom")
     assert (flux_math.apply_rope, flux_math.apply_rope1, wan_model.apply_rope1) == bindings
@@ -287,3 +322,4 @@ def test_training_compat_restores_everything_also_on_error(comfy):
     assert all(getattr(ck, n) is fn for n, fn in ck_bindings.items())
     assert {id(m): ("forward" in m.__dict__, m.__dict__.get("forward")) for m in dm.modules()} == forwards
     assert torch._C._autograd._top_saved_tensors_default_hooks(False) == top
+    assert llama.torch is torch
