@@ -43,6 +43,7 @@ class Family:
     cross_attention: str | None = None   # regex: attention part of `cross` (None: all of it)
     blocks: dict[str, str] = field(default_factory=dict)  # per-block strength: block name -> module prefix
     layout_prefixes: tuple[str, ...] = ()  # module-name prefixes that identify the family from names alone
+    layout_pattern: str | None = None    # or a regex on module names, where a prefix would be ambiguous
     in_place_safe: bool = False          # measured: forward never updates a tensor autograd saved (no copies)
     bare_prefixes: tuple[str, ...] = ()  # top-level keys of a bare diffusion-model checkpoint of this family
 
@@ -71,8 +72,9 @@ _ALL = (
         embed_why="time_embedding, add_embedding (SDXL pooled + size vector), the resnets' time_emb_proj",
         self_attention=r"\.attn1\.",
         blocks={"input": "down_blocks.", "middle": "mid_block.", "output": "up_blocks."},
-        # mid_block.* only: Stable Cascade also has down_blocks.N, but no mid_block
-        layout_prefixes=("mid_block.attentions.", "mid_block.resnets."), in_place_safe=True),
+        # diffusers' down_blocks.N.attentions / resnets: Stable Cascade's down_blocks.N.M are not this
+        layout_pattern=r"^(down_blocks|up_blocks)\.\d+\.(attentions|resnets)\.|^mid_block\.(attentions|resnets)\.",
+        in_place_safe=True),
     Family(
         "mmdit", "SD3 / SD3.5", ("SD3",), ("OpenAISignatureMMDITWrapper",),
         cross=r"\.context_block\.|^context_embedder(\.|$)",

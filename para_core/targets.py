@@ -123,6 +123,8 @@ def detect_layout(names: Iterable[str]) -> str:
     for key, fam in _FAMILY_RECORDS.items():
         if fam.layout_prefixes and any(n.startswith(fam.layout_prefixes) for n in names):
             return key
+        if fam.layout_pattern and any(re.match(fam.layout_pattern, n) for n in names):
+            return key
     return "generic"
 
 
