@@ -123,17 +123,8 @@ class ParaTestTinyCheckpoint(_InputNode):
         return F.build(family), clip, vae
 
 
-class ParaTestTinyUNet(_InputNode):
-    """Stands in for UNETLoader: the family's tiny model."""
-
-    RETURN_TYPES = ("MODEL",)
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"family": (FAMILY_KEYS,)}}
-
-    def make(self, family):
-        return (F.build(family),)
+class ParaTestTinyUNet(ParaTestFamilyModel):
+    """Stands in for UNETLoader in the example workflows: the family's tiny model (the same node under its own id)."""
 
 
 class ParaTestTinyCLIP(_InputNode):
