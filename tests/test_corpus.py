@@ -221,6 +221,9 @@ def test_long_output_name_that_fits_is_written(world, tmp_path):
 
 _KILLER = r"""
 import glob, os, signal, sys
+# Ctrl-C as in a terminal: a job started in the background by a non-interactive shell (as CI may start this
+# suite) inherits SIGINT ignored, and then Python installs no KeyboardInterrupt handler
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import para_core.checkpoint as ck
 from para_core.cli import main
 orig, calls = ck._apply_edits, [0]
