@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -10,6 +12,15 @@ REQUIRE = os.environ.get("COMFYUI_PARA_REQUIRE_KOHYA") == "1"
 KOHYA = os.environ.get("KOHYA_PATH", "")
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
+TOOLS = os.path.join(HERE, "sd_tools.py")
+
+
+def run_python(*args, cwd=None) -> subprocess.CompletedProcess:
+    """This Python on a script (sd-scripts' trainers, sd_tools.py) with sd-scripts and the repo importable; must succeed."""
+    env = {**os.environ, "KOHYA_PATH": KOHYA, "PYTHONPATH": REPO}
+    r = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, f"{args[:2]} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    return r
 
 
 def kohya_missing() -> str:

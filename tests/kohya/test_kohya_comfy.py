@@ -24,17 +24,10 @@ import pytest
 import torch
 
 
-from kohya_env import HERE, KOHYA, REPO, needs_kohya
+from kohya_env import KOHYA, REPO, TOOLS, needs_kohya
+from kohya_env import run_python as _run
 
-TOOLS = os.path.join(HERE, "sd_tools.py")
 pytestmark = needs_kohya()
-
-
-def _run(*args, cwd=None):
-    env = {**os.environ, "KOHYA_PATH": KOHYA, "PYTHONPATH": REPO}
-    r = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True)
-    assert r.returncode == 0, f"{args[:2]} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
-    return r
 
 
 @pytest.fixture(scope="module")
