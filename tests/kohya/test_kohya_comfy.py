@@ -30,6 +30,18 @@ from kohya_env import run_python as _run
 pytestmark = needs_kohya()
 
 
+def _train(ckpt: str, work: str, out_dir: str, name: str, *extra: str, steps: int = 2, lr: str = "1e-3"):
+    """sd-scripts' train_network.py on the generated SD1.5: batch 2 of the 4 images, text encoder trained, seed 1."""
+    return _run(os.path.join(KOHYA, "train_network.py"), "--pretrained_model_name_or_path", ckpt,
+                "--train_data_dir", os.path.join(work, "data"), "--resolution", "64", "--output_dir", out_dir,
+                "--output_name", name, "--save_model_as", "safetensors", "--network_module", "para_core.kohya",
+                "--network_dim", "4", "--network_args", "init=random", "projection=output",
+                "--max_train_steps", str(steps), "--learning_rate", lr, "--optimizer_type", "AdamW",
+                "--mixed_precision", "no", "--tokenizer_cache_dir", os.path.join(work, "tok"), "--seed", "1",
+                "--train_batch_size", "2", "--caption_extension", ".txt", "--max_data_loader_n_workers", "0",
+                "--cache_latents", *extra, cwd=work)
+
+
 @pytest.fixture(scope="module")
 def trained(comfy, tmp_path_factory):
     """Checkpoint in ComfyUI's checkpoints folder, the trained PaRa in its para folder, sd-scripts' merged weights."""
@@ -38,18 +50,12 @@ def trained(comfy, tmp_path_factory):
     _run(TOOLS, "tokenizer", os.path.join(work, "tok"))
     _run(TOOLS, "images", os.path.join(work, "data"), "4")
     _run(TOOLS, "sd15", ckpt)
-    _run(os.path.join(KOHYA, "train_network.py"), "--pretrained_model_name_or_path", ckpt,
-         "--train_data_dir", os.path.join(work, "data"), "--resolution", "64", "--output_dir", comfy.dirs["para"],
-         "--output_name", "kohya_para", "--save_model_as", "safetensors", "--network_module", "para_core.kohya",
-         "--network_dim", "4", "--network_args", "init=random", "projection=output", "--max_train_steps", "2",
-         "--learning_rate", "1e-3", "--optimizer_type", "AdamW", "--mixed_precision", "no",
-         "--tokenizer_cache_dir", os.path.join(work, "tok"), "--seed", "1", "--train_batch_size", "2",
-         "--caption_extension", ".txt", "--max_data_loader_n_workers", "0", "--cache_latents", cwd=work)
+    _train(ckpt, work, comfy.dirs["para"], "kohya_para")
     para = comfy.path("para", "kohya_para.safetensors")
     merged = os.path.join(work, "merged.safetensors")
     _run(TOOLS, "merge", ckpt, para, merged)
     import safetensors.torch
-    return {"ckpt": os.path.basename(ckpt), "ckpt_path": ckpt, "para": para,
+    return {"ckpt": os.path.basename(ckpt), "ckpt_path": ckpt, "para": para, "work": work,
             "merged": safetensors.torch.load_file(merged)}
 
 
@@ -115,3 +121,37 @@ def test_inspect_and_merge_accept_the_file(comfy, trained):
     g.node("PreviewAny", source=mg.out(0))
     ui = comfy.run(g.finalize())
     assert "union merge: 266 layers" in ui[mg.id]["text"][0], ui[mg.id]["text"]
+
+
+def test_network_weights_resumes_from_the_saved_bases(comfy, trained):
+    """``--network_weights <saved file>`` in the real train_network.py continues from the file.
+
+    N steps + resume M steps is not bit-identical to N+M continuous steps in sd-scripts, and cannot be: a resumed
+    run restarts its data order and noise from --seed (it sees the batches and noise of steps 1..M again, not
+    N+1..N+M), AdamW's moments start at zero, and the file stores Q in fp16 while the continuous run keeps B in fp32.
+    What resuming must guarantee is checked instead:
+
+    * it starts exactly at the saved bases: resumed with learning rate 0 for one step, the saved Q equals the
+      file's to one fp16 ulp (B = the file's Q, re-orthonormalised in fp32, stored in fp16 again), for all 266 layers,
+      and sd-scripts reports that every layer continued from the file;
+    * training then continues from there: resumed with the run's learning rate, every layer moves away from the file,
+      and the result differs from what a run that ignored the file would give, which is the file itself (same seed,
+      same init, same data: the fixture's run reproduced).
+    """
+    from harness import ulp
+
+    from para_core import ParaModel
+    work, saved = trained["work"], ParaModel.load(trained["para"])
+    out = os.path.join(work, "resume")
+    r = _train(trained["ckpt_path"], work, out, "lr0", "--network_weights", trained["para"], steps=1, lr="0")
+    assert "PaRa: 266 of 266 layers continue from kohya_para.safetensors" in r.stdout + r.stderr
+    lr0 = ParaModel.load(os.path.join(out, "lr0.safetensors"))
+    assert set(lr0.stages) == set(saved.stages) and len(saved.stages) == 266
+    for n, (q,) in saved.stages.items():
+        err = (lr0.stages[n][0].double() - q.double()).abs()
+        assert bool((err <= ulp(q.double(), torch.float16)).all()), f"{n}: resumed at lr 0 moved by {float(err.max()):.3e}"
+
+    _train(trained["ckpt_path"], work, out, "more", "--network_weights", trained["para"], steps=2)
+    more = ParaModel.load(os.path.join(out, "more.safetensors"))
+    moved = {n: float((more.stages[n][0].double() - q.double()).abs().max()) for n, (q,) in saved.stages.items()}
+    assert min(moved.values()) > 2e-4, min(moved.items(), key=lambda kv: kv[1])
