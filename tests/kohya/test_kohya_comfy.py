@@ -132,7 +132,7 @@ def test_network_weights_resumes_from_the_saved_bases(comfy, trained):
     What resuming must guarantee is checked instead:
 
     * it starts exactly at the saved bases: resumed with learning rate 0 for one step, the saved Q equals the
-      file's to one fp16 ulp (B = the file's Q, re-orthonormalised in fp32, stored in fp16 again), for all 266 layers,
+      file's to one fp16 ulp of its largest entry (B = the file's Q, re-orthonormalised in fp32, stored in fp16 again), for all 266 layers,
       and sd-scripts reports that every layer continued from the file;
     * training then continues from there: resumed with the run's learning rate, every layer moves away from the file,
       and the result differs from what a run that ignored the file would give, which is the file itself (same seed,
@@ -149,7 +149,8 @@ def test_network_weights_resumes_from_the_saved_bases(comfy, trained):
     assert set(lr0.stages) == set(saved.stages) and len(saved.stages) == 266
     for n, (q,) in saved.stages.items():
         err = (lr0.stages[n][0].double() - q.double()).abs()
-        assert bool((err <= ulp(q.double(), torch.float16)).all()), f"{n}: resumed at lr 0 moved by {float(err.max()):.3e}"
+        tol = ulp(q.double().abs().max(), torch.float16)  # the file's fp16 rounding at the scale of the basis
+        assert bool((err <= tol).all()), f"{n}: resumed at lr 0 moved by {float(err.max()):.3e} (> {float(tol):.1e})"
 
     _train(trained["ckpt_path"], work, out, "more", "--network_weights", trained["para"], steps=2)
     more = ParaModel.load(os.path.join(out, "more.safetensors"))
