@@ -13,6 +13,7 @@ llama3 layers) and extra conditioning values). ``available()`` is the part the r
 """
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -217,7 +218,8 @@ FAMILIES.update({
         image_model="flux2", in_channels=16, out_channels=16, vec_in_dim=None, context_in_dim=64, hidden_size=64,
         mlp_ratio=3.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 8, 8, 8], theta=2000, patch_size=1,
         qkv_bias=False, guidance_embed=True, global_modulation=True, mlp_silu_act=True, ops_bias=False,
-        default_ref_method="index", ref_index_scale=10.0, txt_ids_dims=[3]), (16, 8, 8), 4, 64, {}, {"guidance": 4.0}),
+        default_ref_method="index", ref_index_scale=10.0, txt_ids_dims=[3]), (16, 8, 8), 4, 64, {},
+        {"guidance": 4.0, "pooled_output": None}),
     "chroma_radiance": Family("ChromaRadiance", dict(
         image_model="chroma_radiance", in_channels=3, out_channels=3, context_in_dim=64, hidden_size=64, mlp_ratio=4.0,
         num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000, patch_size=4, qkv_bias=True,
@@ -299,11 +301,20 @@ def build(key: str):
         import comfy.model_patcher
         import comfy.supported_models
         fam = FAMILIES[key]
-        mc = getattr(comfy.supported_models, fam.config_class)(dict(fam.unet_config))
-        if fam.over_class_defaults:
-            mc.unet_config.update(fam.unet_config)
-        mc.set_inference_dtype(torch.float32, None)
-        model = mc.get_model({}, "", device="cpu")
+        config = dict(fam.unet_config)
+        while True:
+            mc = getattr(comfy.supported_models, fam.config_class)(dict(config))
+            if fam.over_class_defaults:
+                mc.unet_config.update(config)
+            mc.set_inference_dtype(torch.float32, None)
+            try:
+                model = mc.get_model({}, "", device="cpu")
+                break
+            except TypeError as e:  # a config key a later ComfyUI added (e.g. Chroma Radiance's use_sequential_txt_ids)
+                unknown = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+                if unknown is None or unknown.group(1) not in config:
+                    raise
+                del config[unknown.group(1)]
         init_weights(model.diffusion_model)
         model.eval()
         _BUILT[key] = comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
