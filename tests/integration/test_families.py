@@ -264,6 +264,25 @@ def test_train_save_load_and_model_restored(comfy, fam):
     assert torch.equal(before, after), f"{fam}: the model computes differently after training"
 
 
+@pytest.mark.parametrize("fam", TRAIN_KEYS)
+def test_train_in_the_other_dtype_and_checkpointing(comfy, fam):
+    """With TRAIN's run, every family trains in fp32 and in bf16, with and without gradient checkpointing:
+    here the other dtype and the other checkpointing setting, 2 steps: finite losses, weights changed, and
+    the model's forward afterwards bit-identical to before."""
+    _, ckpt, dtype = TRAIN[fam]
+    before = _fixed_forward(fam)
+    g = comfy.graph(f"tro_{fam}.")
+    _, tr = _train_graph(g, fam, 2, not ckpt, "fp32" if dtype == "bf16" else "bf16", seed=5)
+    g.node("PreviewAny", source=tr.out(0))
+    comfy.run(g.finalize())
+    losses = comfy.output(tr.id, 2)["loss"]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses), losses
+    trained = comfy.output(tr.id, 0)
+    a = comfy.patched_state_dict(trained)
+    assert any(not torch.equal(a[k], v) for k, v in comfy.base_state_dict(trained).items())
+    assert torch.equal(before, _fixed_forward(fam)), f"{fam}: the model computes differently after training"
+
+
 @pytest.mark.parametrize("fam", ["flux_dev", "hunyuan_video", "ltxv", "qwen_image", "wan21", "sd35"])
 def test_checkpointing_gives_the_same_losses_bit_for_bit(comfy, fam):
     """Checkpointed and plain backward give the same losses bit for bit: in the in-place families (Flux,
