@@ -65,9 +65,10 @@ fi
 missing() {  # ComfyUI's imports that a model-only run needs
   "$1" - <<'PY'
 import importlib.util
+# what ComfyUI imports in-process (no server: the front-end packages and the optional kornia are not needed)
 mods = ["torch", "torchvision", "safetensors", "einops", "torchsde", "transformers", "tokenizers", "sentencepiece",
         "scipy", "PIL", "yaml", "tqdm", "psutil", "aiohttp", "av", "requests", "alembic", "sqlalchemy", "numpy",
-        "spandrel", "kornia", "pydantic", "comfyui_frontend_package"]
+        "spandrel", "pydantic"]
 print(" ".join(m for m in mods if importlib.util.find_spec(m) is None))
 PY
 }
@@ -85,7 +86,7 @@ fi
 
 # ---- run (7.5 minutes at most on a GPU; the CPU smoke run is slower and gets an hour) ----
 args=(--comfyui "$comfy" --out "$json")
-limit=450
+limit="${GPU_CHECK_LIMIT:-450}"
 if [[ $smoke == 1 ]]; then args+=(--cpu-smoke); limit=3600; fi
 timeout --kill-after=10 "$limit" "$py" "$here/gpu_check.py" "${args[@]}"
 echo "wrote $json"
