@@ -73,9 +73,10 @@ def subject_fidelity(judge, samples: torch.Tensor, subject: W.Subject) -> float:
     return score(judge, samples, {"shape": subject.shape, "colour": subject.colour})
 
 
-def subject_gain(harness, judge, cfg: W.WorldConfig, seed: int, steps: int = STEPS, n: int = 16) -> tuple[float, float]:
-    """(base, PaRa) subject fidelity of "a sks" for one seed: the CI quality test's measurement (one graph: Train PaRa on
-    4 subject latents, KSampler with the base model and with the PaRa, same noise)."""
+def subject_gain(harness, judge, cfg: W.WorldConfig, seed: int, steps: int = STEPS, n: int = 16) -> dict[str, float]:
+    """Subject fidelity of "a sks" for one seed, base and PaRa (`base`, `para`: shape and colour; `base_colour`,
+    `para_colour`: the subject's colour only): the CI quality test's measurement (one graph: Train PaRa on 4 subject
+    latents, KSampler with the base model and with the PaRa, same noise)."""
     a = cfg.subjects[0]
     G.OBJECTS[f"gain_{seed}"] = G.to_latent(W.subject_images(cfg, a, 4, seed=100 + seed))
     g = harness.graph()
@@ -87,8 +88,12 @@ def subject_gain(harness, judge, cfg: W.WorldConfig, seed: int, steps: int = STE
     ids_base = G.add_samplers(g, base, clip, [W.prompt(a.token)], n, seed, cfg.size)
     ids_para = G.add_samplers(g, para.out(0), clip, [W.prompt(a.token)], n, seed, cfg.size)
     G.run(harness, g)
-    return (subject_fidelity(judge, G.read_samples(harness, ids_base)[W.prompt(a.token)], a),
-            subject_fidelity(judge, G.read_samples(harness, ids_para)[W.prompt(a.token)], a))
+    out = {}
+    for name, ids in (("base", ids_base), ("para", ids_para)):
+        x = G.read_samples(harness, ids)[W.prompt(a.token)]
+        out[name] = subject_fidelity(judge, x, a)
+        out[f"{name}_colour"] = score(judge, x, {"colour": a.colour})
+    return out
 
 
 # ---- one seed ------------------------------------------------------------------------------------------------------

@@ -1,12 +1,24 @@
 """Quality regression: a trained PaRa draws its subject (the smallest world of benchmarks/study, issue 16).
 
 Every other test checks formulas against references; this one fails when learning breaks although every formula
-still matches. The world (benchmarks/study/world.py, config CI): a small SD1.5-class UNet pretrained here on
-shapes × colours × positions, a frozen one-layer CLIP, a CNN judge. Train PaRa (the PaRaTrainer node, ExCA, rank 2)
-runs on 4 latents of a subject never seen in pretraining (an orange "ell", caption "a sks"); KSampler draws "a sks"
-with the base model and with the PaRa, same noise; the judge counts subject samples.
+still matches. The world (benchmarks/study/world.py, config CI): ComfyUI's SD1.5 model class with a small UNet
+(818k parameters, 8×8×4 latents) pretrained here on shapes × colours × positions, a frozen one-layer ComfyUI CLIP,
+a CNN judge (held-out accuracy asserted > 0.9 per head). Per seed, one ComfyUI graph (run_study.subject_gain):
+Train PaRa (PaRaTrainer, ExCA without the output conv, rank 4, lr 1e-2, 200 steps, batch 4) on 4 latents of a
+subject never seen in pretraining (an orange "ell", caption "a sks"); KSampler (euler, 20 steps, cfg 4) draws 16
+samples of "a sks" with the base model and with the PaRa, same noise; the judge counts samples in the subject's colour, and
+samples that are the subject (shape and colour).
 
-MEASURED (filled in below from runs over seeds) decides MARGIN.
+Measured (ComfyUI 0.33, torch 2.14.1, 1 thread, 16 samples per seed), base → PaRa:
+
+    seed                 0      1      2      3      4
+    subject colour    0→.56  0→.38  0→.38  0→.50  0→.50
+    subject (both)    0→0    0→.25  0→.13  0→.19  0→.06
+
+The base model never draws the subject or its colour (it never saw either). PaRa takes the colour on every seed
+(min .38), the shape and colour together less reliably (0 to .25, mean .125). So the test asserts, on seeds 0 and 1:
+colour gain ≥ COLOUR_MARGIN (.25) on each seed, and mean subject gain ≥ SUBJECT_MARGIN (.06, 2 of 32 samples; .125
+measured). A trainer that stops learning leaves PaRa at the base's 0 and fails both.
 """
 from __future__ import annotations
 
@@ -23,8 +35,8 @@ if STUDY not in sys.path:
     sys.path.append(STUDY)
 
 SEEDS = (0, 1)
-SAMPLES = 16
-MARGIN = 0.3
+COLOUR_MARGIN = 0.25
+SUBJECT_MARGIN = 0.06
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +44,7 @@ def world(comfy):
     import run_study as R
     from benchmarks.study import world as W
     threads = torch.get_num_threads()
-    harness, judge, facts = R.setup(W.CI, harness=comfy)
+    _, judge, facts = R.setup(W.CI, harness=comfy)  # sets torch threads to the world's (1): deterministic sums
     yield R, W, judge, facts
     torch.set_num_threads(threads)
 
@@ -40,24 +52,9 @@ def world(comfy):
 def test_para_draws_its_subject(comfy, world):
     R, W, judge, facts = world
     assert min(facts["judge_accuracy"].values()) > 0.9, facts
-    import graphs as G
-    cfg = W.CI
-    a = cfg.subjects[0]
-    gains = []
-    for seed in SEEDS:
-        G.OBJECTS[f"ci_{seed}"] = G.to_latent(W.subject_images(cfg, a, 4, seed=100 + seed))
-        g = comfy.graph()
-        base = g.node("ParaStudyModel", key="base").out(0)
-        clip = g.node("ParaStudyCLIP", key="clip").out(0)
-        caption = g.node("CLIPTextEncode", clip=clip, text=W.prompt(a.token)).out(0)
-        para = G.train_para(comfy, g, base, g.node("ParaStudyLatents", key=f"ci_{seed}").out(0), caption, steps=CI_STEPS, seed=seed)
-        ids_base = G.add_samplers(g, base, clip, [W.prompt(a.token)], SAMPLES, seed, cfg.size)
-        ids_para = G.add_samplers(g, para.out(0), clip, [W.prompt(a.token)], SAMPLES, seed, cfg.size)
-        comfy.run(g.finalize())
-        f_base = R.subject_fidelity(judge, G.read_samples(comfy, ids_base)[W.prompt(a.token)], a)
-        f_para = R.subject_fidelity(judge, G.read_samples(comfy, ids_para)[W.prompt(a.token)], a)
-        gains.append((seed, f_base, f_para))
-    assert all(fp - fb >= MARGIN for _, fb, fp in gains), f"subject fidelity (seed, base, PaRa): {gains}; margin {MARGIN}"
-
-
-CI_STEPS = 100
+    results = {seed: R.subject_gain(comfy, judge, W.CI, seed) for seed in SEEDS}
+    colour_gains = [r["para_colour"] - r["base_colour"] for r in results.values()]
+    subject_gain = sum(r["para"] - r["base"] for r in results.values()) / len(SEEDS)
+    assert min(colour_gains) >= COLOUR_MARGIN and subject_gain >= SUBJECT_MARGIN, (
+        f"per seed {results}: colour gains {colour_gains} (each must be >= {COLOUR_MARGIN}), mean subject gain "
+        f"{subject_gain:.3f} (must be >= {SUBJECT_MARGIN})")
