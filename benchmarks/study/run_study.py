@@ -20,7 +20,8 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [p for p in (HERE, os.path.abspath(os.path.join(HERE, "..", ".."))) if p not in sys.path]
+# appended, not prepended: the repo root holds a `nodes` package that must not shadow ComfyUI's nodes.py
+sys.path += [p for p in (HERE, os.path.abspath(os.path.join(HERE, "..", ".."))) if p not in sys.path]
 
 import graphs as G  # noqa: E402
 from benchmarks.study import world as W  # noqa: E402
@@ -194,12 +195,12 @@ def run_seed(harness, judge, cfg: W.WorldConfig, seed: int, steps: int, n: int, 
         out = harness.output(nid, idx)
         if kind == "para":
             params, nbytes = out.num_params(), len(out.to_bytes())
-        else:
+        else:  # up and down only (core also trains full .diff tensors of 1-D weights: not counted)
+            import safetensors.torch
             ten = {k: v for k, v in out.items() if k.endswith((".lora_up.weight", ".lora_down.weight"))}
             params = sum(v.numel() for v in ten.values())
-            import safetensors.torch
             nbytes = len(safetensors.torch.save({k: v.to(torch.float16).contiguous() for k, v in ten.items()}))
-        metrics.setdefault(name, {}).update(params=params, file_bytes_fp16=nbytes if kind == "lora" else nbytes)
+        metrics.setdefault(name, {}).update(params=params, file_bytes_fp16=nbytes)  # the trainer's PARA is fp16
     return metrics, samples
 
 
