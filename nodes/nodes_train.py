@@ -14,7 +14,7 @@ feed it unchanged. How it differs from the core trainer, and why:
   under ``torch.inference_mode()``, and such parameters cannot be saved for backward) is avoided by
   giving the model, for the run only, normal tensors that *alias* the storage of its inference-tensor
   parameters (no copy, same bits).
-* The input model is left exactly as it was (`_SharedModel`): parameter and buffer objects, module
+* The input model is left exactly as it was (`train_host.SharedModel`): parameter and buffer objects, module
   flags (``comfy_cast_weights``, ``weight_function``, ...), forward attributes, object patches and
   ComfyUI's loaded-model list are put back after a finished, failed or cancelled run.
 * Each training sample is paired with its own caption (the core sampler applies every caption to the
@@ -33,13 +33,9 @@ feed it unchanged. How it differs from the core trainer, and why:
 """
 from __future__ import annotations
 
-import copy
-import json
 import logging
 import os
-import weakref
-from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import ExitStack
 
 import numpy as np
 import torch
@@ -47,24 +43,21 @@ from comfy_api.latest import io, ui
 from tqdm.auto import tqdm
 
 import comfy.model_management
-import comfy.ops
 import comfy.sampler_helpers
 import comfy.samplers
 import comfy.utils
 import folder_paths
 
 from ..para_core.errors import ParaError
-from ..para_core.format import ParaModel, parse_training_metadata, stage_key
+from ..para_core.format import ParaModel, parse_training_metadata, stage_key, training_metadata
 from ..para_core.layer import DEFAULT_INIT, INITS, MODES, ParaLayer, ParaNetwork
 from ..para_core.families import family_of
 from ..para_core.targets import DEFAULT_GAMMA, DEFAULT_PRESET, PRESETS, TargetPlan, plan
-from ..para_core.train import (DTYPES, LOSS_FUNCTIONS, LOSS_SPACES, OPTIMIZERS, TrainConfig,
-                               TrainingLoop, checkpoint_units, enable_checkpointing, loss_value, make_optimizer,
-                               prediction_residual, prediction_scale, read_state, restore_optimizer, save_with_state,
-                               stages_b, state_path, step_seed)
-from . import folders, paths, ui_text
+from ..para_core.train import (DTYPES, LOSS_FUNCTIONS, LOSS_SPACES, OPTIMIZERS, TrainConfig, TrainingLoop,
+                               checkpoint_units, draw_micro_batch, enable_checkpointing, group_by_shape, loss_value,
+                               make_optimizer, read_state, restore_optimizer, save_with_state, stages_b, state_path)
+from . import folders, paths, train_host, ui_text
 from .patching import apply_para
-from .train_compat import training_compat
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +72,6 @@ PREVIEW_STEPS = 12
 CHECK_EVERY = 50  # optimizer steps between validations of the bases (one host synchronisation each)
 
 # ---- data ----------------------------------------------------------------------------------------
-@dataclass
-class _Group:
-    """Images of one shape: latents (n, C, H, W) on the device and their global indices (for captions)."""
-    latents: torch.Tensor
-    index: list[int]
-
-
 def _flatten_latents(latents: list[dict]) -> list[torch.Tensor]:
     """Every image as its own (1, C, ...) tensor, in input order (plain, multi-res and bucketed inputs)."""
     out = []
@@ -101,248 +87,6 @@ def _flatten_conditioning(positive: list) -> list:
     for c in positive:
         out.extend(c if isinstance(c, list) else [c])
     return out
-
-
-def _group_by_shape(images: list[torch.Tensor]) -> list[_Group]:
-    shapes: dict[tuple, list[int]] = {}
-    for i, t in enumerate(images):
-        shapes.setdefault(tuple(t.shape[1:]), []).append(i)
-    return [_Group(torch.cat([images[i] for i in idx]), idx) for idx in shapes.values()]
-
-
-def _own(t):
-    """A normal (non-inference) copy of a tensor; other values unchanged."""
-    return t.clone() if isinstance(t, torch.Tensor) else t
-
-
-def _own_conds(conds: list[dict]) -> list[dict]:
-    """Clone every tensor the model will see, so none of them is an inference tensor."""
-    out = []
-    for c in conds:
-        c = dict(c)
-        mc = {}
-        for k, v in c.get("model_conds", {}).items():
-            inner = getattr(v, "cond", None)
-            if isinstance(inner, torch.Tensor):
-                v = v._copy_with(inner.clone())
-            elif isinstance(inner, list) and hasattr(v, "_copy_with"):
-                v = v._copy_with([_own(x) for x in inner])
-            mc[k] = v
-        c["model_conds"] = mc
-        out.append(c)
-    return out
-
-
-def _batch_conds(conds: list[dict]) -> dict:
-    """The model kwargs of a batch in which sample i has caption conds[i] (captions paired, not averaged)."""
-    per = [{k: v.process_cond(batch_size=1, area=None) for k, v in c["model_conds"].items()} for c in conds]
-    return {k: per[0][k].concat([p[k] for p in per[1:]]) for k in per[0]}
-
-
-# ---- the shared model: borrowed for a run, given back as it was ----------------------------------------
-def _alias(t: torch.Tensor) -> torch.Tensor:
-    """A normal tensor on the storage of inference tensor t (no copy): autograd may save it for backward."""
-    a = torch.empty(0, dtype=t.dtype, device=t.device)
-    return a.set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
-
-
-def _alias_inference_tensors(model: torch.nn.Module) -> Callable[[], None]:
-    """Put normal-tensor aliases in place of inference-tensor parameters and buffers (same storage);
-    returns the undo, which puts the original objects back.
-
-    Backward through a frozen layer must save its weight, and inference tensors (what the executor's
-    inference_mode loads) cannot be saved. An alias costs no memory and no copy, unlike identity weight
-    wrappers (a weight copy per forward).
-    """
-    swapped = []
-    for m in model.modules():
-        for name, p in list(m._parameters.items()):
-            if p is not None and p.is_inference() and type(p.data) is torch.Tensor:
-                q = torch.nn.Parameter(_alias(p.detach()), requires_grad=False)
-                q.__dict__.update(p.__dict__)
-                m._parameters[name] = q
-                swapped.append((m._parameters, name, p, q))
-        for name, b in list(m._buffers.items()):
-            if b is not None and b.is_inference() and type(b) is torch.Tensor:
-                a = _alias(b)
-                m._buffers[name] = a
-                swapped.append((m._buffers, name, b, a))
-    log.debug("Train PaRa: %d inference tensors aliased as normal tensors", len(swapped))
-
-    def undo() -> None:
-        for where, name, original, alias in reversed(swapped):
-            if where.get(name) is alias:
-                where[name] = original
-    return undo
-
-
-def _module_state(m: torch.nn.Module) -> dict:
-    """Every attribute of a module, with the contents of its lists and dicts (weight_function, _parameters,
-    _buffers, hooks, ...): what ComfyUI's load, our aliases and forward wrappers can change."""
-    state = {}
-    for k, v in m.__dict__.items():
-        if isinstance(v, list):
-            state[k] = (v, list(v))
-        elif isinstance(v, dict):
-            state[k] = (v, dict(v))
-        else:
-            state[k] = (v, None)
-    return state
-
-
-def _restore_module(m: torch.nn.Module, state: dict) -> None:
-    d = m.__dict__
-    for k in [k for k in d if k not in state]:
-        del d[k]
-    for k, (obj, contents) in state.items():
-        if isinstance(obj, list):
-            obj[:] = contents
-        elif isinstance(obj, dict):
-            obj.clear()
-            obj.update(contents)
-        d[k] = obj
-
-
-class _SharedModel:
-    """The torch model under the input ModelPatcher is shared with every other node that uses it. A run
-    loads it through a clone (compute dtype, full load), aliases its inference tensors and wraps forwards;
-    `restore` gives it back as it was, whatever happened.
-
-    Exactly as before (objects, values, flags, ComfyUI's loaded-model list) when the weights held no
-    patches before the run, or the input model's own patches (it was loaded by the input model or an
-    equal clone). If another patcher's patches were in the weights (a clone with other LoRAs was loaded
-    last), ComfyUI's consistent alternative is used instead: the model is unloaded (base weights, no flags)
-    and the next sampler loads it again, as after any model switch.
-    """
-
-    def __init__(self, source, patcher):
-        self.patcher = patcher
-        model = patcher.model
-        self.modules = [(m, _module_state(m)) for m in model.modules()]
-        self.devices = [(t, t.device) for m in model.modules() for t in
-                        list(m._parameters.values()) + list(m._buffers.values()) if t is not None]
-        self.backup = dict(patcher.backup)
-        self.object_patches_backup = dict(patcher.object_patches_backup)
-        self.loaded = list(comfy.model_management.current_loaded_models)
-        uuid = getattr(model, "current_weight_patches_uuid", None)
-        lowvram = bool(getattr(model, "model_lowvram", False))
-        self.exact = (uuid is None) or (uuid == source.patches_uuid and not lowvram)
-        self.weights_unpatched = uuid is None
-
-    def restore(self) -> None:
-        mm = comfy.model_management
-        mp = self.patcher
-        mine = [lm for lm in mm.current_loaded_models if lm.model is mp]
-        for lm in mine:
-            mm.current_loaded_models.remove(lm)
-            if lm.model_finalizer is not None:
-                lm.model_finalizer.detach()
-            lm.model_finalizer = None
-            lm.real_model = None
-        mp.cleanup()
-        if not self.exact:
-            mp.detach(unpatch_all=True)
-            from comfy.model_patcher import wipe_lowvram_weight
-            for m in mp.model.modules():
-                wipe_lowvram_weight(m)
-            log.info("Train PaRa: the model was loaded with other patches before training; it is unloaded now "
-                     "(the next sampler loads it again)")
-            return
-        if self.weights_unpatched:
-            mp.detach(unpatch_all=True)  # put back what the clone's own weight patches replaced
-        else:
-            mp.eject_model()
-        for m, state in self.modules:
-            _restore_module(m, state)
-        for t, device in self.devices:
-            if t.device != device:
-                t.data = t.data.to(device)
-        mp.backup.clear()
-        mp.backup.update(self.backup)
-        mp.object_patches_backup.clear()
-        mp.object_patches_backup.update(self.object_patches_backup)
-        # ComfyUI's list of loaded models: load_models_gpu took out the clones of this model that were loaded
-        # (they hold the same weights as before again, so they go back, with a live finalizer as on load)
-        now = list(mm.current_loaded_models)
-        keep = []
-        for lm in self.loaded:
-            if any(lm is x for x in now):
-                keep.append(lm)
-                continue
-            real = lm.real_model() if lm.real_model is not None else None
-            if lm.model is not None and lm.model.is_clone(mp) and real is not None:
-                if lm.model_finalizer is None or not lm.model_finalizer.alive:
-                    lm.model_finalizer = weakref.finalize(real, mm.cleanup_models)
-                keep.append(lm)
-        new = [x for x in now if not any(x is lm for lm in self.loaded)]
-        mm.current_loaded_models[:] = new + keep
-
-
-# ---- layers ----------------------------------------------------------------------------------------
-def _candidates(base_model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Modules the core LoRA trainer would train: comfy ops with a ≥2-D weight."""
-    return {n: m for n, m in base_model.named_modules()
-            if hasattr(m, "weight_function") and getattr(m, "weight", None) is not None and m.weight.ndim >= 2}
-
-
-def _comfy_weight_of(module, x):
-    """Weight and bias as the comfy op would use them for input x (its cast and weight functions)."""
-    if hasattr(module, "weight_function"):
-        return comfy.ops.cast_bias_weight(module, x)
-    dtype = x.dtype
-    return module.weight.to(x.device, dtype), (module.bias.to(x.device, dtype) if module.bias is not None else None)
-
-
-def _comfy_bias_of(module, x):
-    b = getattr(module, "bias", None)
-    if b is None:
-        return None
-    b = b.to(x.device)
-    for f in getattr(module, "bias_function", ()):
-        b = f(b)
-    return b
-
-
-# ---- loss space ------------------------------------------------------------------------------------
-def _space_name(model_sampling) -> str:
-    import comfy.model_sampling as ms
-    if isinstance(model_sampling, ms.V_PREDICTION):
-        return "v"
-    if isinstance(model_sampling, ms.X0):
-        return "x0"
-    if isinstance(model_sampling, ms.EPS):
-        return "eps"
-    if isinstance(model_sampling, (ms.CONST, ms.COSMOS_RFLOW)):
-        return "flow"
-    return "prediction"
-
-
-def _prediction_scale(model_sampling, sigma: torch.Tensor, ndim: int) -> torch.Tensor:
-    """para_core.train.prediction_scale for a ComfyUI model_sampling (used by benchmarks/bench_train.py)."""
-    return prediction_scale(model_sampling.calculate_denoised, sigma, ndim)
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host tensor -> device without waiting for the device's queue: a blocking copy from pageable memory
-    synchronises the stream; from pinned memory the copy is queued (torch's pinned allocator keeps the
-    source alive until it is done)."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
-def _host_sampling(model_sampling):
-    """A CPU copy of the model's sampling schedule for percent_to_sigma (which calls .item()): drawing σ
-    on the host then costs no device synchronisation per step. The model's own object where it already
-    lives on the CPU or cannot be copied."""
-    tensors = list(model_sampling.parameters()) + list(model_sampling.buffers())
-    if all(t.device.type == "cpu" for t in tensors):
-        return model_sampling
-    try:
-        with torch.inference_mode(False):
-            return copy.deepcopy(model_sampling).to("cpu")
-    except Exception:  # an exotic sampling object: correct, one sync per sample
-        return model_sampling
 
 
 # ---- files ---------------------------------------------------------------------------------------------
@@ -484,12 +228,7 @@ class Trainer:
                     "init": self.init_used, "batch_size": cfg.batch_size, "grad_accumulation_steps": cfg.grad_accumulation_steps,
                     "training_dtype": cfg.training_dtype, "projection": cfg.projection, "layers": len(p.ranks),
                     "targets": p.targets_string()}
-        meta = {"targets": p.targets_string(), "training": json.dumps(training, sort_keys=True),
-                "name": os.path.basename(cfg.filename_prefix)}
-        base = self.base_model_name
-        if base:
-            meta["base_model"] = base
-        return meta
+        return training_metadata(training, p.targets_string(), os.path.basename(cfg.filename_prefix), self.base_model_name)
 
     # -- the run --
     def run(self):
@@ -500,105 +239,88 @@ class Trainer:
         if cfg.save_every > 0:
             self.out_folder, self.out_name = _check_prefix(cfg.filename_prefix)
         if existing is not None:
-            self._check_existing_fits(existing, _candidates(self.model.model))
+            self._check_existing_fits(existing, train_host.trainable_layers(self.model.model))
         self.init_used = (parse_training_metadata(existing).get("init", "existing") if existing is not None else cfg.init)
-        mp = self.model.clone()
-        mp.set_model_compute_dtype(self.dtype)
-        shared = _SharedModel(self.model, mp)
-        undo = []
-        bar = None
-        with torch.inference_mode(False), training_compat(mp):  # rope/in-place fixes for backward, undone on exit
-            try:  # from here on the shared torch model is borrowed: always give it back in finally
-                comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
-                base = mp.model
-                device = mp.load_device
-                config = getattr(base, "model_config", None)
-                self.base_model_name = type(config).__name__.lower() if config is not None else ""
-                undo.append(_alias_inference_tensors(base))
-                candidates = _candidates(base)
-                network, p = self._network(candidates, existing, state)
-                network.to(device)
-                self.plan = p
-                log.info("Train PaRa: %s", p.describe())
-                optimizer = make_optimizer(cfg.optimizer, [layer.b for _, layer in network.items()], cfg.learning_rate)
-                if state is not None:
-                    if not restore_optimizer(optimizer, network, state):
-                        self.notes.append(f"saved optimizer state is {state.meta.get('optimizer')}, this run uses "
-                                          f"{cfg.optimizer}: fresh optimizer state")
-                        log.warning("Train PaRa: %s", self.notes[-1])
-                    self.loss_map["loss"] = state.losses
-                ms = base.model_sampling
-                host_ms = _host_sampling(ms)
-                space = _space_name(ms) if cfg.loss_space == "prediction" else "x0"
+        # every change to the shared model and to ComfyUI is on this one stack, undone in reverse on any exit
+        with ExitStack() as undo:
+            mp = train_host.borrow_for_training(self.model, self.dtype, undo)
+            base = mp.model
+            device = mp.load_device
+            config = getattr(base, "model_config", None)
+            self.base_model_name = type(config).__name__.lower() if config is not None else ""
+            candidates = train_host.trainable_layers(base)
+            network, p = self._network(candidates, existing, state)
+            network.to(device)
+            self.plan = p
+            log.info("Train PaRa: %s", p.describe())
+            optimizer = make_optimizer(cfg.optimizer, [layer.b for _, layer in network.items()], cfg.learning_rate)
+            if state is not None:
+                if not restore_optimizer(optimizer, network, state):
+                    self.notes.append(f"saved optimizer state is {state.meta.get('optimizer')}, this run uses "
+                                      f"{cfg.optimizer}: fresh optimizer state")
+                    log.warning("Train PaRa: %s", self.notes[-1])
+                self.loss_map["loss"] = state.losses
+            ms = base.model_sampling
+            host_ms = train_host.host_sampling(ms)
+            space = train_host.sampling_space(ms) if cfg.loss_space == "prediction" else "x0"
 
-                groups = _group_by_shape([base.process_latent_in(_own(t).float().to(device)) for t in self.images])
-                conds = {}
-                for gi, g in enumerate(groups):
-                    noise = torch.zeros((1,) + tuple(g.latents.shape[1:]), device=device)
-                    c = comfy.samplers.process_conds(base, noise, {"positive": comfy.sampler_helpers.convert_cond(self.captions)},
-                                                     device, seed=cfg.seed)
-                    conds[gi] = _own_conds(c["positive"])
-                group_weights = torch.tensor([float(len(g.index)) for g in groups])
-                t_opts = dict(mp.model_options.get("transformer_options", {}))
-                autocast = torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+            groups = group_by_shape([base.process_latent_in(train_host.own(t).float().to(device)) for t in self.images])
+            conds = {}
+            for gi, g in enumerate(groups):
+                noise = torch.zeros((1,) + tuple(g.latents.shape[1:]), device=device)
+                c = comfy.samplers.process_conds(base, noise, {"positive": comfy.sampler_helpers.convert_cond(self.captions)},
+                                                 device, seed=cfg.seed)
+                conds[gi] = train_host.own_conds(c["positive"])
+            sizes = [len(g.index) for g in groups]
+            shapes = [tuple(g.latents.shape[1:]) for g in groups]
+            t_opts = dict(mp.model_options.get("transformer_options", {}))
+            autocast = torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
-                def micro_loss(micro: int) -> torch.Tensor:
-                    """The loss of micro-batch `micro`: its images, captions, noise and σ drawn from (seed, micro)."""
-                    gen = torch.Generator().manual_seed(step_seed(cfg.seed, micro))
-                    gi = int(torch.multinomial(group_weights, 1, generator=gen)) if len(groups) > 1 else 0
-                    g = groups[gi]
-                    pick = torch.randperm(len(g.index), generator=gen)[:cfg.batch_size].tolist()
-                    x0 = g.latents.index_select(0, _to_device(torch.tensor(pick), device))
-                    noise = _to_device(torch.randn(x0.shape, generator=gen), device)
-                    pct = torch.rand(len(pick), generator=gen).tolist()
-                    sigma = _to_device(torch.tensor([float(host_ms.percent_to_sigma(v)) for v in pct]), device)
-                    kw = _batch_conds([conds[gi][self.caption_of[g.index[i]]] for i in pick])
-                    opts = dict(t_opts, sigmas=sigma, cond_or_uncond=[0] * len(pick))
-                    with autocast:
-                        xt = ms.noise_scaling(sigma, noise, x0, False)
-                        x0_pred = base.apply_model(xt, sigma, transformer_options=opts, **kw)
-                    scale = _prediction_scale(ms, sigma, x0_pred.ndim) if space != "x0" else None
-                    return loss_value(cfg.loss_function, prediction_residual(x0_pred, x0, scale))
+            def micro_loss(micro: int) -> torch.Tensor:
+                """The loss of micro-batch `micro`: its images, captions, noise and σ drawn from (seed, micro)."""
+                draw = draw_micro_batch(cfg.seed, micro, sizes, shapes, cfg.batch_size)
+                g = groups[draw.group]
+                x0 = g.latents.index_select(0, train_host.to_device(torch.tensor(draw.picks), device))
+                noise = train_host.to_device(draw.noise, device)
+                sigma = train_host.to_device(torch.tensor([float(host_ms.percent_to_sigma(v)) for v in draw.timesteps]), device)
+                kw = train_host.batch_conds([conds[draw.group][self.caption_of[g.index[i]]] for i in draw.picks])
+                residual = train_host.prediction_error(base, x0, noise, sigma, kw, t_opts, space, autocast)
+                return loss_value(cfg.loss_function, residual)
 
-                undo.append(network.attach(candidates, _comfy_weight_of, _comfy_bias_of))
-                if cfg.gradient_checkpointing:
-                    undo.append(enable_checkpointing(checkpoint_units(base.diffusion_model)))
-                mp.pre_run()
-                previewer = _previewer(base) if cfg.preview_every > 0 and self.vae is None else None
-                pbar = comfy.utils.ProgressBar(cfg.steps, node_id=self.node_id)
-                bar = tqdm(total=cfg.steps, desc="Training PaRa", disable=not comfy.utils.PROGRESS_BAR_ENABLED)
-                # No host synchronisation per step: the bases' rank/finiteness margins stay on the device
-                # (network.step(check=False)) and are validated every CHECK_EVERY steps, before a save and at the end.
-                loop = TrainingLoop(optimizer, micro_loss, cfg.grad_accumulation_steps, losses=self.loss_map["loss"],
-                                    step_context=lambda: network.step(check=False),
-                                    check=comfy.model_management.throw_exception_if_processing_interrupted)
-                for step in range(start_step, total):
-                    loop.step(step)
-                    done = self.done = step + 1
-                    if done % CHECK_EVERY == 0:
-                        network.check()
-                    preview = None
-                    if cfg.preview_every > 0 and (done % cfg.preview_every == 0 or done == total):
-                        preview = self._preview(base, ms, network, groups, conds, t_opts, autocast, previewer)
-                    if cfg.save_every > 0 and (done % cfg.save_every == 0 or done == total):
-                        loop.flush()  # the sidecar carries the exact loss history
-                        network.check()
-                        self._checkpoint(network, optimizer, p, done, space)
-                    bar.update(1)
-                    if loop.last_loss is not None:
-                        bar.set_postfix(loss=f"{loop.last_loss:.4f}")
-                    self._report(done - start_step, cfg.steps, done, total, loop.last_loss, pbar, preview)
-                loop.flush()
-                network.check()
-                self.modes = network.describe_modes()
-                network.requires_grad_(False)
-                para = network.to_para_model(self._metadata(p, total, space))
-            finally:
-                if bar is not None:
-                    bar.close()
-                for u in reversed(undo):
-                    u()
-                shared.restore()
+            undo.callback(network.attach(candidates, train_host.comfy_weight_of, train_host.comfy_bias_of))
+            if cfg.gradient_checkpointing:
+                undo.callback(enable_checkpointing(checkpoint_units(base.diffusion_model)))
+            mp.pre_run()
+            previewer = _previewer(base) if cfg.preview_every > 0 and self.vae is None else None
+            pbar = comfy.utils.ProgressBar(cfg.steps, node_id=self.node_id)
+            bar = undo.enter_context(tqdm(total=cfg.steps, desc="Training PaRa", disable=not comfy.utils.PROGRESS_BAR_ENABLED))
+            # No host synchronisation per step: the bases' rank/finiteness margins stay on the device
+            # (network.step(check=False)) and are validated every CHECK_EVERY steps, before a save and at the end.
+            loop = TrainingLoop(optimizer, micro_loss, cfg.grad_accumulation_steps, losses=self.loss_map["loss"],
+                                step_context=lambda: network.step(check=False),
+                                check=comfy.model_management.throw_exception_if_processing_interrupted)
+
+            def after_step(done: int) -> None:
+                self.done = done
+                if done % CHECK_EVERY == 0:
+                    network.check()
+                preview = None
+                if cfg.preview_every > 0 and (done % cfg.preview_every == 0 or done == total):
+                    preview = self._preview(base, ms, network, groups, conds, t_opts, autocast, previewer)
+                if cfg.save_every > 0 and (done % cfg.save_every == 0 or done == total):
+                    loop.flush()  # the sidecar carries the exact loss history
+                    network.check()
+                    self._checkpoint(network, optimizer, p, done, space)
+                bar.update(1)
+                if loop.last_loss is not None:
+                    bar.set_postfix(loss=f"{loop.last_loss:.4f}")
+                self._report(done - start_step, cfg.steps, done, total, loop.last_loss, pbar, preview)
+
+            loop.run(start_step, total, after_step)
+            network.check()
+            self.modes = network.describe_modes()
+            network.requires_grad_(False)
+            para = network.to_para_model(self._metadata(p, total, space))
         self.space = space
         self.network = network
         self.total_steps = total
@@ -637,7 +359,7 @@ class Trainer:
     def _preview(self, base, ms, network, groups, conds, t_opts, autocast, previewer):
         """A sample from the first caption with fixed noise (Euler, cfg 1), decoded by the VAE or the latent previewer."""
         g = groups[0]
-        cond = _batch_conds([conds[0][self.caption_of[g.index[0]]]])
+        cond = train_host.batch_conds([conds[0][self.caption_of[g.index[0]]]])
         device = g.latents.device
         gen = torch.Generator().manual_seed(int(self.cfg.seed) % (2 ** 63))
         shape = (1,) + tuple(g.latents.shape[1:])

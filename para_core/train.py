@@ -144,6 +144,47 @@ def step_seed(seed: int, micro: int) -> int:
     return (int(seed) * 0x9E3779B97F4A7C15 + int(micro) * 0xBF58476D1CE4E5B9 + 1) % (2 ** 63)
 
 
+# ---- batching ----------------------------------------------------------------------------------------
+@dataclass
+class ShapeGroup:
+    """Images of one shape (a resolution bucket): their latents (n, C, ...) stacked, and their indices in the
+    input order (what pairs each with its caption)."""
+    latents: torch.Tensor
+    index: list[int]
+
+
+def group_by_shape(images: list[torch.Tensor]) -> list[ShapeGroup]:
+    """(1, C, ...) images -> one group per shape, in order of first appearance: a batch never mixes shapes."""
+    shapes: dict[tuple, list[int]] = {}
+    for i, t in enumerate(images):
+        shapes.setdefault(tuple(t.shape[1:]), []).append(i)
+    return [ShapeGroup(torch.cat([images[i] for i in idx]), idx) for idx in shapes.values()]
+
+
+@dataclass
+class MicroBatch:
+    """What one micro-step trains on, drawn from (seed, micro) only: the group, the positions of its images
+    within the group, their noise (CPU, float32) and their timesteps as fractions of the schedule in [0, 1)."""
+    group: int
+    picks: list[int]
+    noise: torch.Tensor
+    timesteps: list[float]
+
+
+def draw_micro_batch(seed: int, micro: int, group_sizes: list[int], sample_shapes: list[tuple], batch_size: int) -> MicroBatch:
+    """The seeded draw of micro-step `micro`: a group with probability proportional to its size (each image
+    is equally likely to be trained on, whatever its resolution), then up to batch_size distinct images of
+    it, their noise and their timesteps - in this order from one generator seeded by `step_seed`."""
+    gen = torch.Generator().manual_seed(step_seed(seed, micro))
+    group = 0
+    if len(group_sizes) > 1:
+        group = int(torch.multinomial(torch.tensor([float(n) for n in group_sizes]), 1, generator=gen))
+    picks = torch.randperm(group_sizes[group], generator=gen)[:batch_size].tolist()
+    noise = torch.randn((len(picks),) + tuple(sample_shapes[group]), generator=gen)
+    timesteps = torch.rand(len(picks), generator=gen).tolist()
+    return MicroBatch(group, picks, noise, timesteps)
+
+
 # ---- gradient checkpointing -------------------------------------------------------------------------
 def checkpoint_units(module: torch.nn.Module) -> list[torch.nn.Module]:
     """The first non-container modules below `module` (blocks, not ModuleList/Sequential/ModuleDict):
@@ -359,6 +400,6 @@ def stages_b(para: ParaModel, state: TrainState | None) -> dict[str, torch.Tenso
 __all__ = [
     "TrainConfig", "TrainState", "TrainingLoop", "OPTIMIZERS", "LOSS_FUNCTIONS", "LOSS_SPACES", "DTYPES",
     "STATE_SUFFIX", "STATE_FORMAT", "loss_value", "prediction_scale", "prediction_residual", "make_optimizer",
-    "step_seed", "checkpoint_units", "enable_checkpointing", "state_path", "state_tensors", "state_metadata",
+    "step_seed", "ShapeGroup", "group_by_shape", "MicroBatch", "draw_micro_batch", "checkpoint_units", "enable_checkpointing", "state_path", "state_tensors", "state_metadata",
     "save_with_state", "read_state", "restore_optimizer", "stages_b",
 ]

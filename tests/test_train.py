@@ -16,9 +16,10 @@ from torch import nn
 from para_core.errors import ParaFormatError
 from para_core.format import ParaModel
 from para_core.layer import ParaNetwork
-from para_core.train import (STATE_FORMAT, TrainConfig, TrainingLoop, checkpoint_units, enable_checkpointing, loss_value,
-                             make_optimizer, prediction_residual, prediction_scale, read_state, restore_optimizer,
-                             save_with_state, stages_b, state_path, step_seed)
+from para_core.train import (STATE_FORMAT, TrainConfig, TrainingLoop, checkpoint_units, draw_micro_batch,
+                             enable_checkpointing, group_by_shape, loss_value, make_optimizer, prediction_residual,
+                             prediction_scale, read_state, restore_optimizer, save_with_state, stages_b, state_path,
+                             step_seed)
 
 TARGETS = ("conv", "lin1")
 RANKS = {"conv": 2, "lin1": 3}
@@ -340,3 +341,33 @@ def test_wrap_forwards_undo_restores_exactly_what_was_there():
     with pytest.raises(RuntimeError, match="boom"):
         wrap_forwards([plain, own], failing)
     assert "forward" not in plain.__dict__ and own.__dict__["forward"] is own_forward
+
+
+def test_group_by_shape_keeps_input_order_per_shape():
+    images = [torch.full((1, 4, 8, 8), float(i)) if i % 2 == 0 else torch.full((1, 4, 6, 10), float(i)) for i in range(5)]
+    groups = group_by_shape(images)
+    assert [g.index for g in groups] == [[0, 2, 4], [1, 3]]
+    assert groups[0].latents.shape == (3, 4, 8, 8) and groups[1].latents.shape == (2, 4, 6, 10)
+    assert groups[1].latents[:, 0, 0, 0].tolist() == [1.0, 3.0]
+
+
+def test_micro_batch_draw_is_a_function_of_seed_and_micro_step():
+    """The draw is exactly: group by size-weighted multinomial, randperm picks, noise, timesteps - from one
+    generator seeded by step_seed(seed, micro); a one-group run draws no group."""
+    sizes, shapes = [3, 5], [(4, 8, 8), (4, 6, 10)]
+    d = draw_micro_batch(7, 11, sizes, shapes, 2)
+    gen = torch.Generator().manual_seed(step_seed(7, 11))
+    group = int(torch.multinomial(torch.tensor([3.0, 5.0]), 1, generator=gen))
+    picks = torch.randperm(sizes[group], generator=gen)[:2].tolist()
+    noise = torch.randn((2,) + shapes[group], generator=gen)
+    timesteps = torch.rand(2, generator=gen).tolist()
+    assert (d.group, d.picks, d.timesteps) == (group, picks, timesteps) and torch.equal(d.noise, noise)
+    assert draw_micro_batch(7, 11, sizes, shapes, 2).picks == d.picks
+    one = draw_micro_batch(7, 11, [5], [(4, 8, 8)], 8)  # batch larger than the group: every image once
+    gen = torch.Generator().manual_seed(step_seed(7, 11))
+    assert one.group == 0 and one.picks == torch.randperm(5, generator=gen).tolist() and one.noise.shape == (5, 4, 8, 8)
+    # over many steps each image is equally likely whatever its group's size: groups drawn ~ 3:5
+    counts = [0, 0]
+    for micro in range(800):
+        counts[draw_micro_batch(0, micro, sizes, shapes, 1).group] += 1
+    assert 0.3 < counts[0] / 800 < 0.45
