@@ -58,6 +58,7 @@ process that never trained (asserted in tests/integration/test_families.py).
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import sys
 import types
@@ -434,13 +435,60 @@ class SharedModel:
         mm.current_loaded_models[:] = new + keep
 
 
-def load_for_training(patcher) -> None:
-    """Load the clone for training: every weight on the device (as core Train LoRA does)."""
-    comfy.model_management.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
+# ---- what this ComfyUI's own trainer offers (feature-detected, never by version) ----------------------------
+@functools.lru_cache(maxsize=1)
+def core_train_inputs() -> dict[str, object]:
+    """The inputs of this ComfyUI's core Train LoRA node (comfy_extras.nodes_train.TrainLoraNode), by name;
+    {} if it has none. Train PaRa offers the same-named inputs where the host's trainer does."""
+    try:
+        from comfy_extras.nodes_train import TrainLoraNode
+        return {i.id: i for i in TrainLoraNode.define_schema().inputs}
+    except Exception as e:  # no core trainer in this ComfyUI: Train PaRa keeps its own inputs only
+        log.debug("Train PaRa: no core Train LoRA schema to follow (%s)", e)
+        return {}
 
 
-def borrow_for_training(model, dtype: torch.dtype, stack: ExitStack):
-    """A clone of ModelPatcher `model` ready to train in `dtype`, every change registered on `stack`.
+def host_offers(name: str) -> bool:
+    """Whether this ComfyUI's Train LoRA has input `name` (and, where the input drives a host mechanism, the
+    mechanism: `training_dtype_none` is the 'none' option of training_dtype; `quantized_backward` also needs
+    comfy.model_management.training_fp8_bwd, which ComfyUI's quantized linear reads in backward)."""
+    inputs = core_train_inputs()
+    if name == "training_dtype_none":
+        return "none" in (getattr(inputs.get("training_dtype"), "options", None) or ())
+    if name == "quantized_backward":
+        return name in inputs and hasattr(comfy.model_management, "training_fp8_bwd")
+    return name in inputs
+
+
+def native_compute_dtype(base) -> torch.dtype:
+    """training_dtype 'none': the dtype the model computes in as loaded (its manual cast dtype if it has one,
+    else its storage dtype); storage-only formats (fp8, quantized) compute in bf16, as core does."""
+    dtype = getattr(base, "manual_cast_dtype", None) or base.get_dtype()
+    return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def set_host_training_flags(stack: ExitStack, quantized_backward: bool = False) -> None:
+    """The module flags ComfyUI's own trainer sets while it trains, where this ComfyUI has them (restored on
+    exit): model_management.in_training (ops leave inference-only fast paths) and training_fp8_bwd (the
+    quantized linear's backward runs as quantized matmuls)."""
+    mm = comfy.model_management
+    for name, value in (("in_training", True), ("training_fp8_bwd", bool(quantized_backward))):
+        if hasattr(mm, name):
+            stack.callback(setattr, mm, name, getattr(mm, name))
+            setattr(mm, name, value)
+
+
+def load_for_training(patcher, offloading: bool = False) -> None:
+    """Load the clone for training: every weight on the device (as core Train LoRA does), or with
+    `offloading` as much as ComfyUI's partial loading puts there - the rest stays on the CPU and ComfyUI's ops
+    cast it to the device per layer and forward (core's offloading is the same call)."""
+    comfy.model_management.load_models_gpu([patcher], memory_required=1e20, force_full_load=not offloading)
+
+
+def borrow_for_training(model, dtype: torch.dtype | None, stack: ExitStack, offloading: bool = False,
+                        quantized_backward: bool = False):
+    """A clone of ModelPatcher `model` ready to train in `dtype` (None: the model's own compute dtype, nothing
+    overridden), every change registered on `stack`.
 
     In this order (undone in the reverse): the clone and the snapshot of the shared model (before anything
     changes it), autograd on (the executor runs nodes under inference_mode), `training_compat`, the full
@@ -449,12 +497,14 @@ def borrow_for_training(model, dtype: torch.dtype, stack: ExitStack):
     wrappers) after this.
     """
     patcher = model.clone()
-    patcher.set_model_compute_dtype(dtype)
+    if dtype is not None:
+        patcher.set_model_compute_dtype(dtype)
     shared = SharedModel(model, patcher)
     stack.enter_context(torch.inference_mode(False))
     stack.enter_context(training_compat(patcher))
+    set_host_training_flags(stack, quantized_backward)
     stack.callback(shared.restore)
-    load_for_training(patcher)
+    load_for_training(patcher, offloading)
     stack.callback(alias_inference_tensors(patcher.model))
     return patcher
 
