@@ -271,6 +271,7 @@ def init_study_worker(cfg: dict) -> dict:
     pack = _import_pack()
     from importlib import import_module
     nt = import_module(f"{PACK}.nodes.nodes_train")
+    host = import_module(f"{PACK}.nodes.train_host")
     adapter = import_module(f"{PACK}.nodes.patching")
     layer_mod = import_module(f"{PACK}.para_core.layer")
     targets = import_module(f"{PACK}.para_core.targets")
@@ -290,13 +291,10 @@ def init_study_worker(cfg: dict) -> dict:
         with torch.inference_mode():
             mm.load_models_gpu([patcher], force_full_load=True)
             base = patcher.model
-            ms = base.model_sampling
             lat = base.process_latent_in(x0[idx])
-            sigma = torch.tensor([float(ms.percent_to_sigma(float(p))) for p in pct])
-            xt = ms.noise_scaling(sigma, noise, lat, False)
-            den = base.apply_model(xt, sigma, c_crossattn=ctx.repeat(n_eval, 1, 1))
-            scale = nt._prediction_scale(ms, sigma, 4)
-            return (den - lat) / scale  # error in ε space
+            sigma = torch.tensor([float(base.model_sampling.percent_to_sigma(float(p))) for p in pct])
+            # the trainer's own loss forward: the error in the model's prediction space (ε for SD1.5)
+            return host.prediction_error(base, lat, noise, sigma, {"c_crossattn": ctx.repeat(n_eval, 1, 1)})
 
     def eval_loss(patcher):
         return float(predict(patcher).square().mean())
@@ -305,7 +303,7 @@ def init_study_worker(cfg: dict) -> dict:
     out = {"init": cfg["init"], "seed": cfg["seed"], "base_eval_loss": float(base_err.square().mean())}
     # step 0: the PaRa as initialised, applied as patches
     with torch.inference_mode(False):
-        cands = nt._candidates(model.model)
+        cands = host.trainable_layers(model.model)
         p = targets.plan({n: m.weight.shape[0] for n, m in cands.items()}, "ExCA", cfg["rank"], 0.025, exclude=cfg["exclude"])
         net = layer_mod.ParaNetwork.from_weights({n: cands[n].weight.detach().clone() for n in p.ranks}, p.ranks, cfg["init"], cfg["seed"])
         para0 = net.to_para_model({}, dtype=torch.float32)

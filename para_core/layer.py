@@ -495,6 +495,42 @@ class ParaNetwork(nn.Module):
             forget_probes()
         return detach
 
+    def attach_output_hooks(self, modules: Mapping[str, nn.Module],
+                            bias_of: Callable[[nn.Module, torch.Tensor], torch.Tensor | None] | None = None) -> Callable[[], None]:
+        """Bypass mode: project each module's output through a torch forward hook, y' = y - QQᵀ(y - b)
+        (`project_output`, the output space of `attach`), and leave the module itself alone - its forward,
+        class, weight and flags stay what they are, so a layer whose weight cannot be used directly (quantized,
+        fp8, offloaded) trains through whatever its own forward does. Returns the undo (removes the hooks).
+        bias_of(module, x) -> the bias the layer added (default: its `bias` cast to y)."""
+        missing = [n for n in self.names if n not in modules]
+        if missing:
+            raise KeyError(f"{len(missing)} PaRa targets are not modules of this model (first: {missing[0]})")
+        handles = []
+
+        def make_hook(name: str, module: nn.Module):
+            channel_dim = 1 if _layer_kind(module) == "conv" else -1
+            if module.weight.shape[0] != self.layer(name).out_features:
+                raise ParaShapeError(f"{name}: B has {self.layer(name).out_features} rows, weight is {tuple(module.weight.shape)}")
+
+            def hook(mod, args, y):
+                self.mode_counts["output"] += 1
+                self.layer_modes[name] = "output"
+                bias = bias_of(mod, args[0]) if bias_of is not None else getattr(mod, "bias", None)
+                return project_output(y, self._basis(name), bias, channel_dim)
+            return hook
+
+        def detach() -> None:
+            for h in reversed(handles):
+                h.remove()
+            handles.clear()
+        try:
+            for n in self.names:
+                handles.append(modules[n].register_forward_hook(make_hook(n, modules[n])))
+        except BaseException:
+            detach()
+            raise
+        return detach
+
     def _forward(self, name: str, module: nn.Module, orig, weight_of, bias_of):
         """The PaRa forward of one module (`orig` is the forward it replaces); registers its timing probe."""
         kind = _layer_kind(module)
