@@ -64,8 +64,8 @@ def build(comfyui: str, config: dict, device, weight_dtype):
 
 
 def _train_compat():
-    """nodes/train_compat.py (the trainer's fixes for ComfyUI's in-place residual updates and kitchen RoPE),
-    imported without the pack's node registration (which needs ComfyUI's node API and its packages)."""
+    """`training_compat` of nodes/train_host.py (the trainer's fixes for ComfyUI's in-place residual updates and
+    kitchen RoPE), imported without the pack's node registration (which needs ComfyUI's node API and its packages)."""
     import importlib.util
     import types
     for name, path in (("para_pack", REPO), ("para_pack.nodes", os.path.join(REPO, "nodes"))):
@@ -73,7 +73,7 @@ def _train_compat():
             mod = types.ModuleType(name)
             mod.__path__ = [path]
             sys.modules[name] = mod
-    spec = importlib.util.spec_from_file_location("para_pack.nodes.train_compat", os.path.join(REPO, "nodes", "train_compat.py"))
+    spec = importlib.util.spec_from_file_location("para_pack.nodes.train_host", os.path.join(REPO, "nodes", "train_host.py"))
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)

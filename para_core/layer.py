@@ -515,14 +515,18 @@ class ParaNetwork(nn.Module):
             def hook(mod, args, y):
                 self.mode_counts["output"] += 1
                 self.layer_modes[name] = "output"
-                bias = bias_of(mod, args[0]) if bias_of is not None else getattr(mod, "bias", None)
-                return project_output(y, self._basis(name), bias, channel_dim)
+                return apply_output_projection(y, *self._output_projection(name, mod, args[0], y, own_bias), channel_dim)
             return hook
+
+        def own_bias(mod, x):
+            return bias_of(mod, x) if bias_of is not None else getattr(mod, "bias", None)
 
         def detach() -> None:
             for h in reversed(handles):
                 h.remove()
             handles.clear()
+            self._biases.clear()
+            self._prepared.clear()
         try:
             for n in self.names:
                 handles.append(modules[n].register_forward_hook(make_hook(n, modules[n])))

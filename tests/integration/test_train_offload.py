@@ -20,6 +20,7 @@ checkpointing over the blocks, the per-step bases); the node's ``offloading`` in
 from __future__ import annotations
 
 import contextlib
+import importlib
 
 import torch
 
@@ -29,7 +30,10 @@ from para_core.train import checkpoint_units, enable_checkpointing
 
 
 def _one_step(harness, offload: bool):
-    """(grad of every B, per-call records) after one forward/backward of the tiny SD1.5 UNet with PaRa on ExCA."""
+    """(grad of every B, per-call records) after one forward/backward of the tiny SD1.5 UNet with PaRa on ExCA,
+    with the trainer's own layer choice and weight/bias access (nodes/train_host.py)."""
+    pkg = harness.nodes.NODE_CLASS_MAPPINGS["PaRaTrainer"].__module__.rsplit(".", 1)[0]
+    host = importlib.import_module(f"{pkg}.train_host")
     import comfy.model_management as mm
     import comfy.ops
     import comfy.sd
@@ -42,8 +46,7 @@ def _one_step(harness, offload: bool):
     else:
         mp.load(dev, full_load=True)
     base = mp.model
-    mods = {n: m for n, m in base.named_modules() if hasattr(m, "comfy_cast_weights") and getattr(m, "weight", None) is not None
-            and m.weight.ndim >= 2}
+    mods = host.trainable_layers(base)
     p = plan({n: m.weight.shape[0] for n, m in mods.items()}, "ExCA", 4, layout="unet")
     net = ParaNetwork.from_weights({n: mods[n].weight.detach().float() for n in p.ranks}, p.ranks, "random", 0, "output")
     params = {name: (t, t.device) for name, t in base.named_parameters()}
@@ -64,7 +67,7 @@ def _one_step(harness, offload: bool):
             records["casts"][id(module)] = records["casts"].get(id(module), 0) + 1
         return real_cast(module, *a, **k)
     hooks = [m.register_forward_pre_hook(check_between_calls) for m in mods.values()]
-    undo = [net.attach(mods, comfy.ops.cast_bias_weight, lambda m, x: None if m.bias is None else m.bias.to(x.device)),
+    undo = [net.attach(mods, host.comfy_weight_of, host.comfy_bias_of),
             enable_checkpointing(checkpoint_units(base.diffusion_model))]
     g = torch.Generator().manual_seed(0)
     x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 8, 768, generator=g)
