@@ -6,6 +6,9 @@
 #    patched per layer through LowVramPatch / prefetch_prepared_value) against the same model fully loaded
 #    (benchmarks/gpu_dynamic_vram.py; needs a ComfyUI with dynamic VRAM, so it uses the newest archive found).
 #    Writes gpu_dynamic_vram.json.
+# 3. (issue 14) Train PaRa on the full-size Flux.1 dev transformer (random weights, fp8 base, 1024 px, bf16,
+#    checkpointing, ExCA rank 8) within 24 GB: torch.cuda.max_memory_allocated < 24 GiB, else it fails
+#    (benchmarks/gpu_flux_24gb.py). Writes gpu_flux_24gb.json.
 #
 #   benchmarks/gpu_check.sh              # on a machine with an NVIDIA GPU
 #   benchmarks/gpu_check.sh --cpu-smoke  # the same code on the CPU with tiny UNets (checks the script only)
@@ -90,6 +93,12 @@ limit="${GPU_CHECK_LIMIT:-450}"
 if [[ $smoke == 1 ]]; then args+=(--cpu-smoke); limit=3600; fi
 timeout --kill-after=10 "$limit" "$py" "$here/gpu_check.py" "${args[@]}"
 echo "wrote $json"
+
+# ---- Flux.1 dev in 24 GB (issue 14): fp8 base, 1024 px, checkpointing; fails when over the budget ----
+fargs=(--comfyui "$comfy" --out "$out_dir/gpu_flux_24gb.json")
+if [[ $smoke == 1 ]]; then fargs+=(--cpu-smoke); fi
+timeout --kill-after=10 "$limit" "$py" "$here/gpu_flux_24gb.py" "${fargs[@]}"
+echo "wrote $out_dir/gpu_flux_24gb.json"
 
 # ---- dynamic VRAM (ComfyUI 0.33 or later: $COMFYUI_DYNAMIC_PATH, else the 0.33.0 archive, else the ComfyUI above) ----
 dyn="${COMFYUI_DYNAMIC_PATH:-}"

@@ -1,7 +1,7 @@
 """The model-family record: everything the pack knows about a model family, one ``Family`` per key in
 ``FAMILIES``. Everything else reads from here - ``targets`` (which ComfyUI classes are which family, what
 ExCA / self_attention / attention select), ``blocks`` (named blocks for per-block strength), the trainer's
-``train_compat`` (which families update saved tensors in place) and ``checkpoint`` (top-level names of a
+``training_compat`` in nodes/train_host.py (which families update saved tensors in place) and ``checkpoint`` (top-level names of a
 bare diffusion-model file). Pure: class names and regexes, no ComfyUI import.
 
 Regexes are searched in module names without the ``diffusion_model.`` prefix (N = block index):

@@ -215,6 +215,12 @@ def test_presets_follow_the_model_class(fam):
 
 
 # ---- Train PaRa --------------------------------------------------------------------------------------
+def _train_host(comfy):
+    """The pack's nodes/train_host.py (where training_compat lives), as ComfyUI imported it."""
+    package = comfy.nodes.NODE_CLASS_MAPPINGS["PaRaTrainer"].__module__.rsplit(".", 1)[0]
+    return sys.modules[f"{package}.train_host"]
+
+
 def _train_graph(g, fam, steps, ckpt, dtype, seed=0):
     model = g.node("ParaTestFamilyModel", family=fam)
     lat = g.node("ParaTestFamilyLatents", family=fam, n=2, seed=0)
@@ -301,7 +307,7 @@ def test_checkpointing_gives_the_same_losses_bit_for_bit(comfy, fam):
 def test_without_training_compat_backward_fails(comfy, fam):
     """What training_compat fixes: without it the run fails at backward with ComfyUI's error (kitchen's RoPE
     op has no autograd formula; LTX updates a saved tensor in place)."""
-    trainer_module = sys.modules[comfy.nodes.NODE_CLASS_MAPPINGS["PaRaTrainer"].__module__]
+    trainer_module = _train_host(comfy)
     import contextlib
     import importlib
     kitchen = getattr(importlib.import_module("comfy.quant_ops"), "ck", None) is not None
@@ -328,7 +334,7 @@ def test_training_compat_restores_everything_also_on_error(comfy):
     wan_model = importlib.import_module("comfy.ldm.wan.model")
     quant_ops = importlib.import_module("comfy.quant_ops")
     llama = importlib.import_module("comfy.text_encoders.llama")
-    trainer_module = sys.modules[comfy.nodes.NODE_CLASS_MAPPINGS["PaRaTrainer"].__module__]
+    trainer_module = _train_host(comfy)
     model = F.build("flux_dev")
     dm = model.model.diffusion_model
     bindings = (flux_math.apply_rope, flux_math.apply_rope1, wan_model.apply_rope1)
