@@ -531,40 +531,36 @@ def _host_parity_inputs() -> list:
     """The inputs of core Train LoRA that this ComfyUI's trainer has (feature-detected from its schema), with
     the same names and meanings; absent on a host whose Train LoRA lacks them. Where PaRa differs, the tooltip
     says how."""
-    offers = train_host.host_offers
     inputs = []
-    if offers("checkpoint_depth"):
-        inputs.append(io.Int.Input(
-            "checkpoint_depth", default=DEFAULT_CHECKPOINT_DEPTH, min=1, max=5, optional=True,
-            tooltip="Depth of the units gradient checkpointing recomputes, counted as Train LoRA counts it: 1 is the "
-                    "whole diffusion model, 2 its top-level blocks, 3 their children... PaRa's default is 2: at 1 "
-                    "backward recomputes and holds every activation at once, which saves no memory at the peak."))
-    if offers("offloading"):
-        inputs.append(io.Boolean.Input(
-            "offloading", default=False, optional=True,
-            tooltip="Keep the weights that do not fit on the CPU: ComfyUI loads the model partially and casts each "
-                    "layer's weight to the GPU when the layer runs (the same load as Train LoRA's offloading). "
-                    "PaRa's own tensors (B, its Q) are small and stay on the GPU."))
-    if offers("bucket_mode"):
-        inputs.append(io.Boolean.Input(
-            "bucket_mode", default=False, optional=True,
-            tooltip="Each LATENT input is one resolution bucket (ResolutionBucket's output): a batch comes from one "
-                    "bucket, buckets drawn in proportion to their size, as in Train LoRA. Off, PaRa still never mixes "
-                    "resolutions in a batch: it groups images of the same shape itself, wherever they come from."))
-    if offers("bypass_mode"):
-        inputs.append(io.Boolean.Input(
-            "bypass_mode", default=False, optional=True,
-            tooltip="Train through forward hooks on the targeted layers' outputs (y - QQᵀ(y - b)) instead of "
-                    "replacing their forwards: each layer's own forward, weight and flags stay untouched (quantized or "
-                    "offloaded weights are used as they are). PaRa never writes weights while training in either "
-                    "mode; bypass always projects outputs (projection is ignored). The result is the same PaRa."))
-    if offers("quantized_backward"):
-        inputs.append(io.Boolean.Input(
-            "quantized_backward", default=False, optional=True,
-            tooltip="With training_dtype none on a quantized model: ComfyUI's quantized layers run their backward as "
-                    "quantized (fp8) matmuls, as in Train LoRA. Only the activation gradients that reach PaRa's "
-                    "layers pass through them; B is trained in float32 either way."))
+    for name in ("checkpoint_depth",) + tuple(_HOST_SWITCHES):
+        if not train_host.host_offers(name):
+            continue
+        if name == "checkpoint_depth":
+            inputs.append(io.Int.Input(
+                name, default=DEFAULT_CHECKPOINT_DEPTH, min=1, max=5, optional=True,
+                tooltip="Depth of the units gradient checkpointing recomputes, counted as Train LoRA counts it: 1 is "
+                        "the whole diffusion model, 2 its top-level blocks, 3 their children... PaRa's default is 2: at "
+                        "1 backward recomputes and holds every activation at once, which saves no memory at the peak."))
+        else:
+            inputs.append(io.Boolean.Input(name, default=False, optional=True, tooltip=_HOST_SWITCHES[name]))
     return inputs
+
+
+_HOST_SWITCHES = {  # core Train LoRA's on/off inputs Train PaRa follows (listed in this order): their tooltips
+    "offloading": "Keep the weights that do not fit on the CPU: ComfyUI loads the model partially and casts each layer's "
+                  "weight to the GPU when the layer runs (the same load as Train LoRA's offloading). PaRa's own tensors "
+                  "(B, its Q) are small and stay on the GPU.",
+    "bucket_mode": "Each LATENT input is one resolution bucket (ResolutionBucket's output): a batch comes from one bucket, "
+                   "buckets drawn in proportion to their size, as in Train LoRA. Off, PaRa still never mixes resolutions "
+                   "in a batch: it groups images of the same shape itself, wherever they come from.",
+    "bypass_mode": "Train through forward hooks on the targeted layers' outputs (y - QQᵀ(y - b)) instead of replacing "
+                   "their forwards: each layer's own forward, weight and flags stay untouched (quantized or offloaded "
+                   "weights are used as they are). PaRa never writes weights while training in either mode; bypass "
+                   "always projects outputs (projection is ignored). The result is the same PaRa.",
+    "quantized_backward": "With training_dtype none on a quantized model: ComfyUI's quantized layers run their backward "
+                          "as quantized (fp8) matmuls, as in Train LoRA. Only the activation gradients that reach PaRa's "
+                          "layers pass through them; B is trained in float32 either way.",
+}
 
 
 class PaRaTrainer(io.ComfyNode):
