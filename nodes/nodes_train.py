@@ -403,10 +403,8 @@ class Trainer:
             previewer = _previewer(base) if cfg.preview_every > 0 and self.vae is None else None
             pbar = comfy.utils.ProgressBar(cfg.steps, node_id=self.node_id)
             bar = undo.enter_context(tqdm(total=cfg.steps, desc="Training PaRa", disable=not comfy.utils.PROGRESS_BAR_ENABLED))
-            schedule = None
-            if cfg.lr_schedule != "constant" or cfg.warmup_steps > 0:
-                def schedule(step: int) -> float:
-                    return cfg.lr_at(step, total)
+            schedule = (None if cfg.lr_schedule == "constant" and cfg.warmup_steps == 0
+                        else (lambda step: cfg.lr_at(step, total)))
             # No host synchronisation per step: the bases' rank/finiteness margins stay on the device
             # (network.step(check=False)) and are validated every CHECK_EVERY steps, before a save and at the end.
             loop = TrainingLoop(optimizer, micro_loss, cfg.grad_accumulation_steps, losses=self.loss_map["loss"],

@@ -52,7 +52,6 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .basis import orthonormal_bases, orthonormal_bases_deferred, orthonormal_basis, raise_if_degenerate
