@@ -91,14 +91,13 @@ fi
 args=(--comfyui "$comfy" --out "$json")
 limit="${GPU_CHECK_LIMIT:-450}"
 if [[ $smoke == 1 ]]; then args+=(--cpu-smoke); limit=3600; fi
-timeout --kill-after=10 "$limit" "$py" "$here/gpu_check.py" "${args[@]}"
-echo "wrote $json"
+failed=()  # each part runs even when an earlier one fails; the script fails at the end
+timeout --kill-after=10 "$limit" "$py" "$here/gpu_check.py" "${args[@]}" && echo "wrote $json" || failed+=(gpu_check.py)
 
 # ---- Flux.1 dev in 24 GB (issue 14): fp8 base, 1024 px, checkpointing; fails when over the budget ----
 fargs=(--comfyui "$comfy" --out "$out_dir/gpu_flux_24gb.json")
 if [[ $smoke == 1 ]]; then fargs+=(--cpu-smoke); fi
-timeout --kill-after=10 "$limit" "$py" "$here/gpu_flux_24gb.py" "${fargs[@]}"
-echo "wrote $out_dir/gpu_flux_24gb.json"
+timeout --kill-after=10 "$limit" "$py" "$here/gpu_flux_24gb.py" "${fargs[@]}" && echo "wrote $out_dir/gpu_flux_24gb.json" || failed+=(gpu_flux_24gb.py)
 
 # ---- dynamic VRAM (ComfyUI 0.33 or later: $COMFYUI_DYNAMIC_PATH, else the 0.33.0 archive, else the ComfyUI above) ----
 dyn="${COMFYUI_DYNAMIC_PATH:-}"
@@ -114,5 +113,5 @@ fi
 dyn="${dyn:-$comfy}"
 dargs=(--comfyui "$dyn" --out "$out_dir/gpu_dynamic_vram.json")
 if [[ $smoke == 1 ]]; then dargs+=(--cpu-smoke); fi
-timeout --kill-after=10 "$limit" "$py" "$here/gpu_dynamic_vram.py" "${dargs[@]}"
-echo "wrote $out_dir/gpu_dynamic_vram.json"
+timeout --kill-after=10 "$limit" "$py" "$here/gpu_dynamic_vram.py" "${dargs[@]}" && echo "wrote $out_dir/gpu_dynamic_vram.json" || failed+=(gpu_dynamic_vram.py)
+if (( ${#failed[@]} )); then echo "gpu_check: failed: ${failed[*]}" >&2; exit 1; fi
