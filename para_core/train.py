@@ -290,12 +290,30 @@ def checkpoint_units(module: torch.nn.Module, depth: int = DEFAULT_CHECKPOINT_DE
     return out
 
 
+def _same_attention_kernel(inner: Callable) -> Callable:
+    """`inner` with scaled-dot-product attention kept off cuDNN's kernel, in the forward and in its
+    recomputation alike. Measured on an H200 (torch 2.11, Flux at 1024 px): the forward ran cuDNN's attention
+    (statistics saved as (B, H, S, 1)) and the recomputation in backward the memory-efficient kernel
+    ((B, H, S) and a philox seed), which torch.utils.checkpoint refuses as different saved tensors. Without
+    cuDNN the choice among flash / memory-efficient / math depends on the inputs only, which are the same.
+    (The GPU could not be had again in that session: this fix is checked on the CPU only.)"""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+    def run(*args, **kwargs):
+        with sdpa_kernel(backends):
+            return inner(*args, **kwargs)
+    return run
+
+
 def enable_checkpointing(units: Iterable[torch.nn.Module]) -> Callable[[], None]:
     """Recompute each unit's activations in backward instead of storing them (less memory, one more
     forward per unit). Returns the undo (see `forward_patch.wrap_forwards`)."""
     def make_forward(_m, inner):
+        pinned = _same_attention_kernel(inner)
+
         def fwd(*args, **kwargs):
-            return torch.utils.checkpoint.checkpoint(inner, *args, use_reentrant=False, **kwargs)
+            return torch.utils.checkpoint.checkpoint(pinned, *args, use_reentrant=False, **kwargs)
         return fwd
     return wrap_forwards(units, make_forward)
 
