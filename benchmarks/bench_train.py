@@ -106,13 +106,13 @@ def worker(cfg: dict) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(cfg["threads"])
     with torch.inference_mode():  # as the executor: parameters are inference tensors
-        sd = comfy.utils.load_torch_file(cfg["model_file"])
-        model = _unets().load(cfg.get("arch", "tiny_sd15"), sd)
-        del sd
+        wd = cfg.get("weight_dtype")
+        model = _unets().load_file(cfg.get("arch", "tiny_sd15"), cfg["model_file"], WEIGHT_DTYPES[wd] if wd else None)
         latents, positive = _data(cfg)
         mm.load_models_gpu([model], force_full_load=True)
     cuda = torch.cuda.is_available()
     stamps: list[float] = []
+    cpu_stamps: list[float] = []  # this process's CPU time: less sensitive than the clock to other processes
     prof = None
     if cfg.get("profile"):  # steady state only: skip set-up and the 2 warm-up steps (incl. auto's timing)
         prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
@@ -121,6 +121,7 @@ def worker(cfg: dict) -> dict:
 
     def on_step(v, t, p, node_id=None):
         stamps.append(time.perf_counter())
+        cpu_stamps.append(time.process_time())
         if prof is not None:
             prof.step()
     comfy.utils.set_progress_bar_global_hook(on_step)
@@ -140,9 +141,14 @@ def worker(cfg: dict) -> dict:
     with torch.inference_mode():
         if cfg["kind"] == "core":
             from comfy_extras.nodes_train import TrainLoraNode
+            import inspect
+            later = dict(quantized_backward=[False], checkpoint_depth=[1], offloading=[cfg.get("offloading", False)],
+                         bypass_mode=[False])  # inputs of newer ComfyUIs (0.33), at their defaults
+            params = inspect.signature(TrainLoraNode.execute).parameters
             res = TrainLoraNode.execute(**common, lora_dtype=[cfg["lora_dtype"]], algorithm=["LoRA"], existing_lora=["[None]"],
-                                        bucket_mode=[False])
-            lora = res[1]
+                                        bucket_mode=[False], **{k: v for k, v in later.items() if k in params})
+            outs = tuple(res.args) if hasattr(res, "args") else tuple(res)
+            lora, loss_map = (outs[0], outs[1]) if len(outs) == 3 else (outs[1], outs[2])  # 0.33: no MODEL output
         else:
             pack = _import_pack()
             from importlib import import_module
@@ -152,7 +158,7 @@ def worker(cfg: dict) -> dict:
             with _floor(layer_mod, model) if cfg["kind"] == "floor" else _spy(layer_mod, seen):
                 res = nt.PaRaTrainer.execute(**common, targets=[cfg["targets"]], rank_boundary=[cfg["gamma"]], loss_space=["x0"],
                                              projection=[cfg["projection"]], init=[cfg.get("init", "small_sv")])
-            para = res[1]
+            para, loss_map = res[1], res[2]
             if seen:
                 out["modes"] = seen[-1].describe_modes()
             assert pack is not None
@@ -171,8 +177,10 @@ def worker(cfg: dict) -> dict:
     out["s_per_step"] = statistics.median(diffs) if diffs else float("nan")
     out["s_per_step_min"] = min(diffs) if diffs else float("nan")  # least disturbed by other processes
     out["step_s"] = diffs
+    cpu_diffs = [b - a for a, b in zip(cpu_stamps, cpu_stamps[1:])][2:]
+    out["cpu_s_per_step"] = statistics.median(cpu_diffs) if cpu_diffs else float("nan")
     out["peak_bytes"] = peak
-    out["loss"] = res[2]["loss"]
+    out["loss"] = loss_map["loss"]
     tmp = tempfile.mkdtemp()
     if cfg["kind"] == "core":
         import safetensors.torch
@@ -263,6 +271,7 @@ def init_study_worker(cfg: dict) -> dict:
     pack = _import_pack()
     from importlib import import_module
     nt = import_module(f"{PACK}.nodes.nodes_train")
+    host = import_module(f"{PACK}.nodes.train_host")
     adapter = import_module(f"{PACK}.nodes.patching")
     layer_mod = import_module(f"{PACK}.para_core.layer")
     targets = import_module(f"{PACK}.para_core.targets")
@@ -282,13 +291,10 @@ def init_study_worker(cfg: dict) -> dict:
         with torch.inference_mode():
             mm.load_models_gpu([patcher], force_full_load=True)
             base = patcher.model
-            ms = base.model_sampling
             lat = base.process_latent_in(x0[idx])
-            sigma = torch.tensor([float(ms.percent_to_sigma(float(p))) for p in pct])
-            xt = ms.noise_scaling(sigma, noise, lat, False)
-            den = base.apply_model(xt, sigma, c_crossattn=ctx.repeat(n_eval, 1, 1))
-            scale = nt._prediction_scale(ms, sigma, 4)
-            return (den - lat) / scale  # error in ε space
+            sigma = torch.tensor([float(base.model_sampling.percent_to_sigma(float(p))) for p in pct])
+            # the trainer's own loss forward: the error in the model's prediction space (ε for SD1.5)
+            return host.prediction_error(base, lat, noise, sigma, {"c_crossattn": ctx.repeat(n_eval, 1, 1)})
 
     def eval_loss(patcher):
         return float(predict(patcher).square().mean())
@@ -297,7 +303,7 @@ def init_study_worker(cfg: dict) -> dict:
     out = {"init": cfg["init"], "seed": cfg["seed"], "base_eval_loss": float(base_err.square().mean())}
     # step 0: the PaRa as initialised, applied as patches
     with torch.inference_mode(False):
-        cands = nt._candidates(model.model)
+        cands = host.trainable_layers(model.model)
         p = targets.plan({n: m.weight.shape[0] for n, m in cands.items()}, "ExCA", cfg["rank"], 0.025, exclude=cfg["exclude"])
         net = layer_mod.ParaNetwork.from_weights({n: cands[n].weight.detach().clone() for n in p.ranks}, p.ranks, cfg["init"], cfg["seed"])
         para0 = net.to_para_model({}, dtype=torch.float32)
@@ -339,6 +345,9 @@ def _model_file(comfyui: str, folder: str, arch: str = "tiny_sd15") -> str:
     return path
 
 
+WEIGHT_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8_e4m3fn": "float8_e4m3fn"}
+
+
 def _fmt_mib(b: float) -> str:
     return f"{b / 2 ** 20:8.1f} MiB"
 
@@ -368,7 +377,7 @@ def main_bench(a) -> int:
             for dtype in dtypes:
                 base = dict(comfyui=a.comfyui, model_file=files[arch], arch=arch, steps=a.steps, res=a.res, images=4,
                             batch=a.batch, rank=a.rank, dtype=dtype, checkpointing=not a.no_checkpointing, threads=a.threads,
-                            lora_dtype=dtype, gamma=0.025, profile=a.profile)
+                            lora_dtype=dtype, gamma=0.025, profile=a.profile, weight_dtype=a.weight_dtype)
                 for k in kinds:
                     label, extra = KINDS[k]
                     r = _run_worker(dict(base, name=label, **extra), "worker")
@@ -378,14 +387,15 @@ def main_bench(a) -> int:
     device = next(iter(results.values()))[0]["device"]
     print(f"\nconditions: {a.res * 8}x{a.res * 8} px ({a.res}x{a.res} latents, 4 images), batch {a.batch}, rank {a.rank}, "
           f"gradient checkpointing {'off' if a.no_checkpointing else 'on'}, AdamW, {a.steps} steps (median after 2 warm-up), "
-          f"{a.threads} thread(s), device {device}, {a.repeats} interleaved repeats (ranges are min-max)")
+          f"{a.threads} thread(s), device {device}, weights stored {a.weight_dtype or 'as ComfyUI chooses'}, "
+          f"{a.repeats} interleaved repeats (ranges are min-max)")
     for arch in archs:
         for dtype in dtypes:
             rs = {k: results[(arch, dtype, k)] for k in kinds}
             print(f"\n{arch}, {dtype}:")
             for k in kinds:
                 print(f"  {KINDS[k][0]:30s} {_range([r['s_per_step'] * 1000 for r in rs[k]], '{:.1f}'):>13s} ms/step  "
-                      f"peak {_range([r['peak_bytes'] / 2 ** 20 for r in rs[k]], '{:.0f}'):>9s} MiB")
+                      f"(CPU {_range([r['cpu_s_per_step'] * 1000 for r in rs[k]], '{:.0f}'):>9s} ms)  peak {_range([r['peak_bytes'] / 2 ** 20 for r in rs[k]], '{:.0f}'):>9s} MiB")
 
             def ratio(num: str, den: str, field: str = "s_per_step") -> str:
                 if num not in rs or den not in rs:
@@ -393,6 +403,8 @@ def main_bench(a) -> int:
                 return _range([x[field] / y[field] for x, y in zip(rs[num], rs[den]) if y[field]])
             print("  ratios                         target    ExCA         all")
             print(f"  PaRa / floor, s/step           <=1.15    {ratio('exca', 'floor'):12s} {ratio('all', 'floor')}")
+            print(f"  PaRa / floor, CPU s/step       <=1.15    {ratio('exca', 'floor', 'cpu_s_per_step'):12s} "
+                  f"{ratio('all', 'floor', 'cpu_s_per_step')}")
             print(f"  PaRa / core LoRA, s/step       <=0.50    {ratio('exca', 'core'):12s} {ratio('all', 'core')}")
             print(f"  PaRa / core LoRA, peak memory  <=1.00    {ratio('exca', 'core', 'peak_bytes'):12s} "
                   f"{ratio('all', 'core', 'peak_bytes')}")
@@ -403,6 +415,7 @@ def main_bench(a) -> int:
                 best = [min(o["s_per_step"], w["s_per_step"]) for o, w in zip(rs["output"], rs["weight"])]
                 print(f"  auto / faster of output, weight          {_range([x['s_per_step'] / b for x, b in zip(rs['exca'], best)])}"
                       f"   (auto chose: {rs['exca'][-1].get('modes', '?')})")
+    _memory_table(results, archs, dtypes, kinds)
     if a.profile:
         for (arch, dtype, k), v in results.items():
             print(f"\nprofile, {arch} {dtype} {KINDS[k][0]} (steps 3-{a.steps}, self time per op):\n{v[-1]['profile']}")
@@ -410,6 +423,24 @@ def main_bench(a) -> int:
         with open(a.json, "w") as f:
             json.dump([dict(r, arch=arch, dtype=dtype, key=k) for (arch, dtype, k), v in results.items() for r in v], f, indent=1)
     return 0
+
+
+def _memory_table(results: dict, archs: list[str], dtypes: list[str], kinds: list[str]) -> None:
+    """Peak memory above the loaded model per configuration (min-max over repeats) and PaRa / core Train LoRA."""
+    cols = [k for k in kinds if k != "core"]
+    print("\npeak memory above the loaded model, MiB (min-max over repeats); in brackets: / core Train LoRA")
+    print("| UNet | training dtype | " + " | ".join(KINDS[k][0] for k in ["core"] + cols if k in kinds) + " |")
+    print("|---" * (2 + len(kinds)) + "|")
+    for arch in archs:
+        for dtype in dtypes:
+            rs = {k: results[(arch, dtype, k)] for k in kinds}
+            cells = []
+            for k in (["core"] if "core" in kinds else []) + cols:
+                cell = _range([r["peak_bytes"] / 2 ** 20 for r in rs[k]], "{:.0f}")
+                if "core" in rs and k != "core":
+                    cell += " (" + _range([x["peak_bytes"] / y["peak_bytes"] for x, y in zip(rs[k], rs["core"]) if y["peak_bytes"]]) + "x)"
+                cells.append(cell)
+            print(f"| {arch} | {dtype} | " + " | ".join(cells) + " |")
 
 
 def main_init_study(a) -> int:
@@ -448,6 +479,8 @@ def main() -> int:
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile each run with torch.profiler and print its N most expensive ops (self time)")
     ap.add_argument("--no-checkpointing", action="store_true")
+    ap.add_argument("--weight-dtype", choices=sorted(WEIGHT_DTYPES), default=None,
+                    help="store the UNet's weights in this dtype, as UNETLoader's weight_dtype (default: ComfyUI's choice)")
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads per run (default 1: on a small shared CPU, OpenMP threads that spin-wait for a busy "
                          "core make multi-thread step times swing by 10-20x between runs)")
@@ -469,8 +502,8 @@ def main() -> int:
         import safetensors.torch
         import torch
         dev = "cuda" if torch.cuda.is_available() else "cpu"  # full-size random weights are drawn fast on a GPU
-        sd = _unets().make_state_dict(cfg.get("arch", "tiny_sd15"), device=dev)
         dtype = torch.float16 if cfg.get("fp16") else torch.float32
+        sd = _unets().make_state_dict(cfg.get("arch", "tiny_sd15"), device=dev, dtype=dtype)  # drawn in the file's dtype: half the RAM
         safetensors.torch.save_file({k: v.to("cpu", dtype).contiguous() for k, v in sd.items()}, cfg["path"])
         return 0
     if a.init_worker:

@@ -6,6 +6,9 @@
 #    patched per layer through LowVramPatch / prefetch_prepared_value) against the same model fully loaded
 #    (benchmarks/gpu_dynamic_vram.py; needs a ComfyUI with dynamic VRAM, so it uses the newest archive found).
 #    Writes gpu_dynamic_vram.json.
+# 3. (issue 14) Train PaRa on the full-size Flux.1 dev transformer (random weights, fp8 base, 1024 px, bf16,
+#    checkpointing, ExCA rank 8) within 24 GB: torch.cuda.max_memory_allocated < 24 GiB, else it fails
+#    (benchmarks/gpu_flux_24gb.py). Writes gpu_flux_24gb.json.
 #
 #   benchmarks/gpu_check.sh              # on a machine with an NVIDIA GPU
 #   benchmarks/gpu_check.sh --cpu-smoke  # the same code on the CPU with tiny UNets (checks the script only)
@@ -65,9 +68,10 @@ fi
 missing() {  # ComfyUI's imports that a model-only run needs
   "$1" - <<'PY'
 import importlib.util
+# what ComfyUI imports in-process (no server: the front-end packages and the optional kornia are not needed)
 mods = ["torch", "torchvision", "safetensors", "einops", "torchsde", "transformers", "tokenizers", "sentencepiece",
         "scipy", "PIL", "yaml", "tqdm", "psutil", "aiohttp", "av", "requests", "alembic", "sqlalchemy", "numpy",
-        "spandrel", "kornia", "pydantic", "comfyui_frontend_package"]
+        "spandrel", "pydantic"]
 print(" ".join(m for m in mods if importlib.util.find_spec(m) is None))
 PY
 }
@@ -85,10 +89,15 @@ fi
 
 # ---- run (7.5 minutes at most on a GPU; the CPU smoke run is slower and gets an hour) ----
 args=(--comfyui "$comfy" --out "$json")
-limit=450
+limit="${GPU_CHECK_LIMIT:-450}"
 if [[ $smoke == 1 ]]; then args+=(--cpu-smoke); limit=3600; fi
-timeout --kill-after=10 "$limit" "$py" "$here/gpu_check.py" "${args[@]}"
-echo "wrote $json"
+failed=()  # each part runs even when an earlier one fails; the script fails at the end
+timeout --kill-after=10 "$limit" "$py" "$here/gpu_check.py" "${args[@]}" && echo "wrote $json" || failed+=(gpu_check.py)
+
+# ---- Flux.1 dev in 24 GB (issue 14): fp8 base, 1024 px, checkpointing; fails when over the budget ----
+fargs=(--comfyui "$comfy" --out "$out_dir/gpu_flux_24gb.json")
+if [[ $smoke == 1 ]]; then fargs+=(--cpu-smoke); fi
+timeout --kill-after=10 "$limit" "$py" "$here/gpu_flux_24gb.py" "${fargs[@]}" && echo "wrote $out_dir/gpu_flux_24gb.json" || failed+=(gpu_flux_24gb.py)
 
 # ---- dynamic VRAM (ComfyUI 0.33 or later: $COMFYUI_DYNAMIC_PATH, else the 0.33.0 archive, else the ComfyUI above) ----
 dyn="${COMFYUI_DYNAMIC_PATH:-}"
@@ -104,5 +113,5 @@ fi
 dyn="${dyn:-$comfy}"
 dargs=(--comfyui "$dyn" --out "$out_dir/gpu_dynamic_vram.json")
 if [[ $smoke == 1 ]]; then dargs+=(--cpu-smoke); fi
-timeout --kill-after=10 "$limit" "$py" "$here/gpu_dynamic_vram.py" "${dargs[@]}"
-echo "wrote $out_dir/gpu_dynamic_vram.json"
+timeout --kill-after=10 "$limit" "$py" "$here/gpu_dynamic_vram.py" "${dargs[@]}" && echo "wrote $out_dir/gpu_dynamic_vram.json" || failed+=(gpu_dynamic_vram.py)
+if (( ${#failed[@]} )); then echo "gpu_check: failed: ${failed[*]}" >&2; exit 1; fi

@@ -52,27 +52,41 @@ def make_state_dict(arch: str, seed: int = 0, device: str = "cpu", dtype=None) -
     return {k: v.detach() for k, v in m.state_dict().items()}
 
 
-def load(arch: str, sd: dict):
-    """A ModelPatcher as ComfyUI's UNETLoader gives it (detection for the real architectures)."""
+def load(arch: str, sd: dict, weight_dtype=None):
+    """A ModelPatcher as ComfyUI's UNETLoader gives it (detection for the real architectures); weight_dtype
+    (a torch dtype) stores the weights in it, as UNETLoader's ``weight_dtype`` does (None: ComfyUI's choice)."""
     import comfy.model_detection
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.sd
     import comfy.supported_models
     if arch != "tiny_sdxl":
-        mp = comfy.sd.load_diffusion_model_state_dict(sd)
+        mp = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": weight_dtype} if weight_dtype else {})
         if mp is None:
             raise RuntimeError(f"ComfyUI did not detect the {arch} UNet")
         return mp
     unet_config = comfy.model_detection.detect_unet_config(sd, "")
     config = comfy.supported_models.SDXL(unet_config)
     load_device = mm.get_torch_device()
-    dtype = mm.unet_dtype(model_params=sum(v.numel() for v in sd.values()), supported_dtypes=list(config.supported_inference_dtypes))
+    dtype = weight_dtype or mm.unet_dtype(model_params=sum(v.numel() for v in sd.values()),
+                                          supported_dtypes=list(config.supported_inference_dtypes))
     config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, load_device, config.supported_inference_dtypes))
     model = config.get_model(sd, "")
     model = model.to(mm.unet_offload_device())
     model.load_model_weights(sd, "")
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
+
+
+def load_file(arch: str, path: str, weight_dtype_name: str | None = None, disable_dynamic: bool = False):
+    """`load` from a safetensors file; ComfyUI 0.33+ keeps this as the model's ``cached_patcher_init`` (how its
+    loaders let the core trainer make its own copy of the model: it reloads it)."""
+    import torch
+    import comfy.utils
+    sd = comfy.utils.load_torch_file(path)
+    mp = load(arch, sd, getattr(torch, weight_dtype_name) if weight_dtype_name else None)
+    if hasattr(mp, "cached_patcher_init"):
+        mp.cached_patcher_init = (load_file, (arch, path, weight_dtype_name))
+    return mp
 
 
 def data(arch: str, images: int, res: int, seed: int = 1234):

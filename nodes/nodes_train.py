@@ -14,7 +14,7 @@ feed it unchanged. How it differs from the core trainer, and why:
   under ``torch.inference_mode()``, and such parameters cannot be saved for backward) is avoided by
   giving the model, for the run only, normal tensors that *alias* the storage of its inference-tensor
   parameters (no copy, same bits).
-* The input model is left exactly as it was (`_SharedModel`): parameter and buffer objects, module
+* The input model is left exactly as it was (`train_host.SharedModel`): parameter and buffer objects, module
   flags (``comfy_cast_weights``, ``weight_function``, ...), forward attributes, object patches and
   ComfyUI's loaded-model list are put back after a finished, failed or cancelled run.
 * Each training sample is paired with its own caption (the core sampler applies every caption to the
@@ -33,12 +33,9 @@ feed it unchanged. How it differs from the core trainer, and why:
 """
 from __future__ import annotations
 
-import copy
-import json
 import logging
 import os
-import weakref
-from collections.abc import Callable
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,24 +44,24 @@ from comfy_api.latest import io, ui
 from tqdm.auto import tqdm
 
 import comfy.model_management
-import comfy.ops
 import comfy.sampler_helpers
 import comfy.samplers
 import comfy.utils
 import folder_paths
 
 from ..para_core.errors import ParaError
-from ..para_core.format import ParaModel, parse_training_metadata, stage_key
+from ..para_core.format import ParaModel, parse_training_metadata, stage_key, training_metadata
 from ..para_core.layer import DEFAULT_INIT, INITS, MODES, ParaLayer, ParaNetwork
 from ..para_core.families import family_of
 from ..para_core.targets import DEFAULT_GAMMA, DEFAULT_PRESET, PRESETS, TargetPlan, plan
-from ..para_core.train import (DTYPES, LOSS_FUNCTIONS, LOSS_SPACES, OPTIMIZERS, TrainConfig,
-                               TrainingLoop, checkpoint_units, enable_checkpointing, loss_value, make_optimizer,
-                               prediction_residual, prediction_scale, read_state, restore_optimizer, save_with_state,
-                               stages_b, state_path, step_seed)
-from . import folders, paths, ui_text
+from ..para_core.train import (DEFAULT_CHECKPOINT_DEPTH, DTYPES, LOSS_FUNCTIONS, LOSS_SPACES, LR_SCHEDULES, OPTIMIZERS,
+                               ShapeGroup, TrainConfig, TrainingLoop, ValidationPoint, checkpoint_units, draw_micro_batch,
+                               enable_checkpointing, group_by_shape, loss_value, make_optimizer, read_state,
+                               restore_optimizer, save_with_state, split_validation, stages_b, state_path,
+                               validation_points)
+from . import folders, paths, train_host, ui_text
+from .loss_plot import loss_plot
 from .patching import apply_para
-from .train_compat import training_compat
 
 log = logging.getLogger(__name__)
 
@@ -76,273 +73,50 @@ LossMap = io.Custom("LOSS_MAP")
 NONE = "[None]"
 DEFAULT_PREFIX = "para/ComfyUI_para_train"
 PREVIEW_STEPS = 12
+VALIDATION_POINTS = 4  # fixed (noise, σ) evaluations per held-out image
 CHECK_EVERY = 50  # optimizer steps between validations of the bases (one host synchronisation each)
 
 # ---- data ----------------------------------------------------------------------------------------
 @dataclass
-class _Group:
-    """Images of one shape: latents (n, C, H, W) on the device and their global indices (for captions)."""
-    latents: torch.Tensor
-    index: list[int]
+class _Samples:
+    """Training (or held-out) images, each (1, C, ...), with its caption (index into `captions`) and its bucket
+    (which LATENT input it came from: core's bucket_mode, fed by ResolutionBucket, has one per bucket)."""
+    images: list[torch.Tensor]
+    captions: list
+    caption_of: list[int]
+    buckets: list[int]
 
-
-def _flatten_latents(latents: list[dict]) -> list[torch.Tensor]:
-    """Every image as its own (1, C, ...) tensor, in input order (plain, multi-res and bucketed inputs)."""
-    out = []
-    for d in latents:
-        s = d["samples"]
-        out.extend(s[i:i + 1] for i in range(s.shape[0]))
-    return out
-
-
-def _flatten_conditioning(positive: list) -> list:
-    """All [cond, extras] entries of all CONDITIONING inputs, in order: one per image (or one for all)."""
-    out = []
-    for c in positive:
-        out.extend(c if isinstance(c, list) else [c])
-    return out
-
-
-def _group_by_shape(images: list[torch.Tensor]) -> list[_Group]:
-    shapes: dict[tuple, list[int]] = {}
-    for i, t in enumerate(images):
-        shapes.setdefault(tuple(t.shape[1:]), []).append(i)
-    return [_Group(torch.cat([images[i] for i in idx]), idx) for idx in shapes.values()]
-
-
-def _own(t):
-    """A normal (non-inference) copy of a tensor; other values unchanged."""
-    return t.clone() if isinstance(t, torch.Tensor) else t
-
-
-def _own_conds(conds: list[dict]) -> list[dict]:
-    """Clone every tensor the model will see, so none of them is an inference tensor."""
-    out = []
-    for c in conds:
-        c = dict(c)
-        mc = {}
-        for k, v in c.get("model_conds", {}).items():
-            inner = getattr(v, "cond", None)
-            if isinstance(inner, torch.Tensor):
-                v = v._copy_with(inner.clone())
-            elif isinstance(inner, list) and hasattr(v, "_copy_with"):
-                v = v._copy_with([_own(x) for x in inner])
-            mc[k] = v
-        c["model_conds"] = mc
-        out.append(c)
-    return out
-
-
-def _batch_conds(conds: list[dict]) -> dict:
-    """The model kwargs of a batch in which sample i has caption conds[i] (captions paired, not averaged)."""
-    per = [{k: v.process_cond(batch_size=1, area=None) for k, v in c["model_conds"].items()} for c in conds]
-    return {k: per[0][k].concat([p[k] for p in per[1:]]) for k in per[0]}
-
-
-# ---- the shared model: borrowed for a run, given back as it was ----------------------------------------
-def _alias(t: torch.Tensor) -> torch.Tensor:
-    """A normal tensor on the storage of inference tensor t (no copy): autograd may save it for backward."""
-    a = torch.empty(0, dtype=t.dtype, device=t.device)
-    return a.set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
-
-
-def _alias_inference_tensors(model: torch.nn.Module) -> Callable[[], None]:
-    """Put normal-tensor aliases in place of inference-tensor parameters and buffers (same storage);
-    returns the undo, which puts the original objects back.
-
-    Backward through a frozen layer must save its weight, and inference tensors (what the executor's
-    inference_mode loads) cannot be saved. An alias costs no memory and no copy, unlike identity weight
-    wrappers (a weight copy per forward).
-    """
-    swapped = []
-    for m in model.modules():
-        for name, p in list(m._parameters.items()):
-            if p is not None and p.is_inference() and type(p.data) is torch.Tensor:
-                q = torch.nn.Parameter(_alias(p.detach()), requires_grad=False)
-                q.__dict__.update(p.__dict__)
-                m._parameters[name] = q
-                swapped.append((m._parameters, name, p, q))
-        for name, b in list(m._buffers.items()):
-            if b is not None and b.is_inference() and type(b) is torch.Tensor:
-                a = _alias(b)
-                m._buffers[name] = a
-                swapped.append((m._buffers, name, b, a))
-    log.debug("Train PaRa: %d inference tensors aliased as normal tensors", len(swapped))
-
-    def undo() -> None:
-        for where, name, original, alias in reversed(swapped):
-            if where.get(name) is alias:
-                where[name] = original
-    return undo
-
-
-def _module_state(m: torch.nn.Module) -> dict:
-    """Every attribute of a module, with the contents of its lists and dicts (weight_function, _parameters,
-    _buffers, hooks, ...): what ComfyUI's load, our aliases and forward wrappers can change."""
-    state = {}
-    for k, v in m.__dict__.items():
-        if isinstance(v, list):
-            state[k] = (v, list(v))
-        elif isinstance(v, dict):
-            state[k] = (v, dict(v))
+    @classmethod
+    def from_inputs(cls, latents: list[dict], positive: list, what: str = "") -> "_Samples":
+        """Every image of every LATENT input in order (plain, multi-resolution and bucketed inputs), with one
+        caption for all or one per image (every [cond, extras] entry of every CONDITIONING input, in order)."""
+        images, buckets = [], []
+        for bucket, d in enumerate(latents):
+            t = d["samples"]
+            images.extend(t[i:i + 1] for i in range(t.shape[0]))
+            buckets.extend([bucket] * t.shape[0])
+        captions = []
+        for c in positive:
+            captions.extend(c if isinstance(c, list) else [c])
+        if not images:
+            raise ValueError(f"Train PaRa: no {what}latents")
+        if len(captions) == 1:
+            caption_of = [0] * len(images)
+        elif len(captions) == len(images):
+            caption_of = list(range(len(images)))
         else:
-            state[k] = (v, None)
-    return state
+            raise ValueError(f"Train PaRa: {len(captions)} captions ({what}positive) for {len(images)} {what}images: "
+                             "give one caption for all images or one per image")
+        return cls(images, captions, caption_of, buckets)
 
+    def subset(self, index: list[int]) -> "_Samples":
+        return _Samples([self.images[i] for i in index], self.captions, [self.caption_of[i] for i in index],
+                        [self.buckets[i] for i in index])
 
-def _restore_module(m: torch.nn.Module, state: dict) -> None:
-    d = m.__dict__
-    for k in [k for k in d if k not in state]:
-        del d[k]
-    for k, (obj, contents) in state.items():
-        if isinstance(obj, list):
-            obj[:] = contents
-        elif isinstance(obj, dict):
-            obj.clear()
-            obj.update(contents)
-        d[k] = obj
-
-
-class _SharedModel:
-    """The torch model under the input ModelPatcher is shared with every other node that uses it. A run
-    loads it through a clone (compute dtype, full load), aliases its inference tensors and wraps forwards;
-    `restore` gives it back as it was, whatever happened.
-
-    Exactly as before (objects, values, flags, ComfyUI's loaded-model list) when the weights held no
-    patches before the run, or the input model's own patches (it was loaded by the input model or an
-    equal clone). If another patcher's patches were in the weights (a clone with other LoRAs was loaded
-    last), ComfyUI's consistent alternative is used instead: the model is unloaded (base weights, no flags)
-    and the next sampler loads it again, as after any model switch.
-    """
-
-    def __init__(self, source, patcher):
-        self.patcher = patcher
-        model = patcher.model
-        self.modules = [(m, _module_state(m)) for m in model.modules()]
-        self.devices = [(t, t.device) for m in model.modules() for t in
-                        list(m._parameters.values()) + list(m._buffers.values()) if t is not None]
-        self.backup = dict(patcher.backup)
-        self.object_patches_backup = dict(patcher.object_patches_backup)
-        self.loaded = list(comfy.model_management.current_loaded_models)
-        uuid = getattr(model, "current_weight_patches_uuid", None)
-        lowvram = bool(getattr(model, "model_lowvram", False))
-        self.exact = (uuid is None) or (uuid == source.patches_uuid and not lowvram)
-        self.weights_unpatched = uuid is None
-
-    def restore(self) -> None:
-        mm = comfy.model_management
-        mp = self.patcher
-        mine = [lm for lm in mm.current_loaded_models if lm.model is mp]
-        for lm in mine:
-            mm.current_loaded_models.remove(lm)
-            if lm.model_finalizer is not None:
-                lm.model_finalizer.detach()
-            lm.model_finalizer = None
-            lm.real_model = None
-        mp.cleanup()
-        if not self.exact:
-            mp.detach(unpatch_all=True)
-            from comfy.model_patcher import wipe_lowvram_weight
-            for m in mp.model.modules():
-                wipe_lowvram_weight(m)
-            log.info("Train PaRa: the model was loaded with other patches before training; it is unloaded now "
-                     "(the next sampler loads it again)")
-            return
-        if self.weights_unpatched:
-            mp.detach(unpatch_all=True)  # put back what the clone's own weight patches replaced
-        else:
-            mp.eject_model()
-        for m, state in self.modules:
-            _restore_module(m, state)
-        for t, device in self.devices:
-            if t.device != device:
-                t.data = t.data.to(device)
-        mp.backup.clear()
-        mp.backup.update(self.backup)
-        mp.object_patches_backup.clear()
-        mp.object_patches_backup.update(self.object_patches_backup)
-        # ComfyUI's list of loaded models: load_models_gpu took out the clones of this model that were loaded
-        # (they hold the same weights as before again, so they go back, with a live finalizer as on load)
-        now = list(mm.current_loaded_models)
-        keep = []
-        for lm in self.loaded:
-            if any(lm is x for x in now):
-                keep.append(lm)
-                continue
-            real = lm.real_model() if lm.real_model is not None else None
-            if lm.model is not None and lm.model.is_clone(mp) and real is not None:
-                if lm.model_finalizer is None or not lm.model_finalizer.alive:
-                    lm.model_finalizer = weakref.finalize(real, mm.cleanup_models)
-                keep.append(lm)
-        new = [x for x in now if not any(x is lm for lm in self.loaded)]
-        mm.current_loaded_models[:] = new + keep
-
-
-# ---- layers ----------------------------------------------------------------------------------------
-def _candidates(base_model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Modules the core LoRA trainer would train: comfy ops with a ≥2-D weight."""
-    return {n: m for n, m in base_model.named_modules()
-            if hasattr(m, "weight_function") and getattr(m, "weight", None) is not None and m.weight.ndim >= 2}
-
-
-def _comfy_weight_of(module, x):
-    """Weight and bias as the comfy op would use them for input x (its cast and weight functions)."""
-    if hasattr(module, "weight_function"):
-        return comfy.ops.cast_bias_weight(module, x)
-    dtype = x.dtype
-    return module.weight.to(x.device, dtype), (module.bias.to(x.device, dtype) if module.bias is not None else None)
-
-
-def _comfy_bias_of(module, x):
-    b = getattr(module, "bias", None)
-    if b is None:
-        return None
-    b = b.to(x.device)
-    for f in getattr(module, "bias_function", ()):
-        b = f(b)
-    return b
-
-
-# ---- loss space ------------------------------------------------------------------------------------
-def _space_name(model_sampling) -> str:
-    import comfy.model_sampling as ms
-    if isinstance(model_sampling, ms.V_PREDICTION):
-        return "v"
-    if isinstance(model_sampling, ms.X0):
-        return "x0"
-    if isinstance(model_sampling, ms.EPS):
-        return "eps"
-    if isinstance(model_sampling, (ms.CONST, ms.COSMOS_RFLOW)):
-        return "flow"
-    return "prediction"
-
-
-def _prediction_scale(model_sampling, sigma: torch.Tensor, ndim: int) -> torch.Tensor:
-    """para_core.train.prediction_scale for a ComfyUI model_sampling (used by benchmarks/bench_train.py)."""
-    return prediction_scale(model_sampling.calculate_denoised, sigma, ndim)
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host tensor -> device without waiting for the device's queue: a blocking copy from pageable memory
-    synchronises the stream; from pinned memory the copy is queued (torch's pinned allocator keeps the
-    source alive until it is done)."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
-def _host_sampling(model_sampling):
-    """A CPU copy of the model's sampling schedule for percent_to_sigma (which calls .item()): drawing σ
-    on the host then costs no device synchronisation per step. The model's own object where it already
-    lives on the CPU or cannot be copied."""
-    tensors = list(model_sampling.parameters()) + list(model_sampling.buffers())
-    if all(t.device.type == "cpu" for t in tensors):
-        return model_sampling
-    try:
-        with torch.inference_mode(False):
-            return copy.deepcopy(model_sampling).to("cpu")
-    except Exception:  # an exotic sampling object: correct, one sync per sample
-        return model_sampling
+    def __add__(self, other: "_Samples") -> "_Samples":
+        shift = len(self.captions)
+        return _Samples(self.images + other.images, self.captions + other.captions,
+                        self.caption_of + [c + shift for c in other.caption_of], self.buckets + other.buckets)
 
 
 # ---- files ---------------------------------------------------------------------------------------------
@@ -386,26 +160,112 @@ def _to_image_tensor(pil) -> torch.Tensor:
     return torch.from_numpy(np.asarray(pil.convert("RGB"), dtype=np.float32) / 255.0)
 
 
+# ---- the run's forward ---------------------------------------------------------------------------
+@contextmanager
+def _keeping_modes(network: ParaNetwork):
+    """Forwards without gradient (previews, validation) pick projection spaces by the flop rule; the summary
+    reports what training used, so the network's record of the last mode per layer is put back."""
+    saved = dict(network.layer_modes), dict(network.mode_counts)
+    try:
+        yield
+    finally:
+        network.layer_modes.clear()
+        network.layer_modes.update(saved[0])
+        network.mode_counts.update(saved[1])
+
+
+@dataclass
+class _Prepared:
+    """Samples on the device for the model: latents through process_latent_in, grouped (by shape, or by
+    bucket in bucket_mode), and per group every caption as ComfyUI's processed conds."""
+    samples: _Samples
+    groups: list[ShapeGroup]
+    conds: dict[int, list[dict]]
+
+    @classmethod
+    def of(cls, samples: _Samples, fwd: "_Forward", seed: int, bucket_mode: bool = False) -> "_Prepared":
+        base, device = fwd.base, fwd.device
+        groups = group_by_shape([base.process_latent_in(train_host.own(t).float().to(device)) for t in samples.images],
+                                samples.buckets if bucket_mode else None)
+        conds = {}
+        for gi, g in enumerate(groups):
+            noise = torch.zeros((1,) + tuple(g.latents.shape[1:]), device=device)
+            c = comfy.samplers.process_conds(base, noise, {"positive": comfy.sampler_helpers.convert_cond(samples.captions)},
+                                             device, seed=seed)
+            conds[gi] = train_host.own_conds(c["positive"])
+        return cls(samples, groups, conds)
+
+
+@dataclass
+class _Forward:
+    """The model forward of a run as losses: the training micro-batch and the held-out validation loss."""
+    base: object
+    device: torch.device
+    host_ms: object
+    t_opts: dict
+    autocast: object
+    space: str
+    loss_function: str
+
+    def residuals(self, data: _Prepared, group: int, picks: list[int], noise: torch.Tensor, timesteps: list[float]) -> torch.Tensor:
+        """The prediction errors of images `picks` of group `group`, noised with `noise` (CPU) at these timesteps."""
+        g = data.groups[group]
+        x0 = g.latents.index_select(0, train_host.to_device(torch.tensor(picks), self.device))
+        sigma = torch.tensor([float(self.host_ms.percent_to_sigma(v)) for v in timesteps])
+        kw = train_host.batch_conds([data.conds[group][data.samples.caption_of[g.index[i]]] for i in picks])
+        return train_host.prediction_error(self.base, x0, train_host.to_device(noise, self.device),
+                                           train_host.to_device(sigma, self.device), kw, self.t_opts, self.space, self.autocast)
+
+    def loss(self, data: _Prepared, group: int, picks: list[int], noise: torch.Tensor, timesteps: list[float]) -> torch.Tensor:
+        return loss_value(self.loss_function, self.residuals(data, group, picks, noise, timesteps))
+
+    @torch.no_grad()
+    def validation_loss(self, held_out: _Prepared, points: list[ValidationPoint], network: ParaNetwork, batch_size: int) -> float:
+        """Mean over the fixed points (`para_core.train.validation_points`) of each point's loss: the same loss
+        function and space as training, at fixed noise and σ, so values at different steps compare. Batched by
+        group, at most batch_size points per forward; one host synchronisation."""
+        where = {}  # held-out image -> (group, position in the group)
+        for gi, g in enumerate(held_out.groups):
+            for pos, i in enumerate(g.index):
+                where[i] = (gi, pos)
+        losses = []
+        with network.step(), _keeping_modes(network):
+            for gi in range(len(held_out.groups)):
+                mine = [pt for pt in points if where[pt.image][0] == gi]
+                for k in range(0, len(mine), batch_size):
+                    chunk = mine[k:k + batch_size]
+                    r = self.residuals(held_out, gi, [where[pt.image][1] for pt in chunk], torch.cat([pt.noise for pt in chunk]),
+                                       [pt.timestep for pt in chunk])
+                    losses.extend(loss_value(self.loss_function, r[j:j + 1]) for j in range(len(chunk)))
+        return float(torch.stack(losses).double().mean())
+
+
 # ---- the trainer ---------------------------------------------------------------------------------
 class Trainer:
     """One training run in ComfyUI. Kept out of the node class so tests and benchmarks can drive it directly."""
 
     def __init__(self, model, latents: list[dict], positive: list, cfg: TrainConfig, vae=None,
-                 node_id: str | None = None):
+                 node_id: str | None = None, validation_latents: list[dict] | None = None,
+                 validation_positive: list | None = None):
         self.model, self.cfg, self.vae, self.node_id = model, cfg, vae, node_id
-        self.images = _flatten_latents(latents)
-        self.captions = _flatten_conditioning(positive)
-        if not self.images:
-            raise ValueError("Train PaRa: no latents")
-        if len(self.captions) == 1:
-            self.caption_of = [0] * len(self.images)
-        elif len(self.captions) == len(self.images):
-            self.caption_of = list(range(len(self.images)))
-        else:
-            raise ValueError(f"Train PaRa: {len(self.captions)} captions (positive) for {len(self.images)} images: "
-                             "give one caption for all images or one per image")
-        self.dtype = DTYPES[cfg.training_dtype]
-        self.loss_map: dict[str, list[float]] = {"loss": []}
+        samples = _Samples.from_inputs(latents, positive)
+        try:
+            train_index, held_out = split_validation(len(samples.images), cfg.validation_split, cfg.seed)
+        except ValueError as e:
+            raise ValueError(f"Train PaRa: {e}") from None
+        self.train = samples.subset(train_index)
+        self.validation = samples.subset(held_out) if held_out else None
+        if validation_latents:
+            if not validation_positive:
+                if len(samples.captions) != 1:
+                    raise ValueError("Train PaRa: validation_latents without validation_positive needs one training caption "
+                                     f"for all images (there are {len(samples.captions)}): connect validation_positive")
+                validation_positive = [samples.captions]
+            given = _Samples.from_inputs(validation_latents, validation_positive, "validation_")
+            self.validation = given if self.validation is None else self.validation + given
+        self.dtype = cfg.dtype  # None: training_dtype 'none', the model's own (known once it is loaded)
+        self.projection = "output" if cfg.bypass_mode else cfg.projection  # bypass: outputs only, through hooks
+        self.loss_map: dict[str, list] = {"loss": []}
         self.previews: list[torch.Tensor] = []
         self.saved: list[str] = []
         self.notes: list[str] = []
@@ -464,7 +324,7 @@ class Trainer:
             for m, chain in existing.stages.items():
                 p.ranks[m], p.out_dims[m] = chain[0].shape[1], out_dims[m]
             layers = {m: ParaLayer(b) for m, b in sorted(stages_b(existing, state).items())}
-            return ParaNetwork(layers, cfg.projection), p
+            return ParaNetwork(layers, self.projection), p
         try:
             family = family_of(self.model)
             p = plan(out_dims, cfg.targets, cfg.rank, cfg.rank_boundary, cfg.include, cfg.exclude, layout=family)
@@ -474,7 +334,7 @@ class Trainer:
         if not p.ranks:
             raise ValueError(f"Train PaRa: targets '{p.targets_string()}' select no layer of this model")
         weights = {n: candidates[n].weight.detach() for n in p.ranks}
-        net = ParaNetwork.from_weights(weights, p.ranks, cfg.init, cfg.seed, cfg.projection)
+        net = ParaNetwork.from_weights(weights, p.ranks, cfg.init, cfg.seed, self.projection)
         return net, p
 
     def _metadata(self, p: TargetPlan, total_steps: int, space: str) -> dict[str, str]:
@@ -482,14 +342,10 @@ class Trainer:
         training = {"steps": total_steps, "learning_rate": cfg.learning_rate, "rank": cfg.rank, "gamma": cfg.rank_boundary,
                     "seed": cfg.seed, "optimizer": cfg.optimizer, "loss_function": cfg.loss_function, "loss_space": space,
                     "init": self.init_used, "batch_size": cfg.batch_size, "grad_accumulation_steps": cfg.grad_accumulation_steps,
-                    "training_dtype": cfg.training_dtype, "projection": cfg.projection, "layers": len(p.ranks),
-                    "targets": p.targets_string()}
-        meta = {"targets": p.targets_string(), "training": json.dumps(training, sort_keys=True),
-                "name": os.path.basename(cfg.filename_prefix)}
-        base = self.base_model_name
-        if base:
-            meta["base_model"] = base
-        return meta
+                    "training_dtype": cfg.training_dtype, "projection": self.projection, "layers": len(p.ranks),
+                    "targets": p.targets_string(), "lr_schedule": cfg.lr_schedule, "warmup_steps": cfg.warmup_steps,
+                    "bucket_mode": cfg.bucket_mode, "bypass_mode": cfg.bypass_mode}
+        return training_metadata(training, p.targets_string(), os.path.basename(cfg.filename_prefix), self.base_model_name)
 
     # -- the run --
     def run(self):
@@ -500,105 +356,95 @@ class Trainer:
         if cfg.save_every > 0:
             self.out_folder, self.out_name = _check_prefix(cfg.filename_prefix)
         if existing is not None:
-            self._check_existing_fits(existing, _candidates(self.model.model))
+            self._check_existing_fits(existing, train_host.trainable_layers(self.model.model))
         self.init_used = (parse_training_metadata(existing).get("init", "existing") if existing is not None else cfg.init)
-        mp = self.model.clone()
-        mp.set_model_compute_dtype(self.dtype)
-        shared = _SharedModel(self.model, mp)
-        undo = []
-        bar = None
-        with torch.inference_mode(False), training_compat(mp):  # rope/in-place fixes for backward, undone on exit
-            try:  # from here on the shared torch model is borrowed: always give it back in finally
-                comfy.model_management.load_models_gpu([mp], memory_required=1e20, force_full_load=True)
-                base = mp.model
-                device = mp.load_device
-                config = getattr(base, "model_config", None)
-                self.base_model_name = type(config).__name__.lower() if config is not None else ""
-                undo.append(_alias_inference_tensors(base))
-                candidates = _candidates(base)
-                network, p = self._network(candidates, existing, state)
-                network.to(device)
-                self.plan = p
-                log.info("Train PaRa: %s", p.describe())
-                optimizer = make_optimizer(cfg.optimizer, [layer.b for _, layer in network.items()], cfg.learning_rate)
-                if state is not None:
-                    if not restore_optimizer(optimizer, network, state):
-                        self.notes.append(f"saved optimizer state is {state.meta.get('optimizer')}, this run uses "
-                                          f"{cfg.optimizer}: fresh optimizer state")
-                        log.warning("Train PaRa: %s", self.notes[-1])
-                    self.loss_map["loss"] = state.losses
-                ms = base.model_sampling
-                host_ms = _host_sampling(ms)
-                space = _space_name(ms) if cfg.loss_space == "prediction" else "x0"
+        # every change to the shared model and to ComfyUI is on this one stack, undone in reverse on any exit
+        with ExitStack() as undo:
+            mp = train_host.borrow_for_training(self.model, self.dtype, undo, offloading=cfg.offloading,
+                                                quantized_backward=cfg.quantized_backward)
+            base = mp.model
+            device = mp.load_device
+            config = getattr(base, "model_config", None)
+            self.base_model_name = type(config).__name__.lower() if config is not None else ""
+            candidates = train_host.trainable_layers(base)
+            network, p = self._network(candidates, existing, state)
+            network.to(device)
+            self.plan = p
+            log.info("Train PaRa: %s", p.describe())
+            optimizer = make_optimizer(cfg.optimizer, [layer.b for _, layer in network.items()], cfg.learning_rate)
+            if state is not None:
+                if not restore_optimizer(optimizer, network, state):
+                    self.notes.append(f"saved optimizer state is {state.meta.get('optimizer')}, this run uses "
+                                      f"{cfg.optimizer}: fresh optimizer state")
+                    log.warning("Train PaRa: %s", self.notes[-1])
+                self.loss_map["loss"] = state.losses
+            ms = base.model_sampling
+            space = train_host.sampling_space(ms) if cfg.loss_space == "prediction" else "x0"
+            dtype = self.dtype if self.dtype is not None else train_host.native_compute_dtype(base)
+            fwd = _Forward(base, device, train_host.host_sampling(ms), dict(mp.model_options.get("transformer_options", {})),
+                           torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32), space, cfg.loss_function)
+            data = _Prepared.of(self.train, fwd, cfg.seed, cfg.bucket_mode)
+            held_out = _Prepared.of(self.validation, fwd, cfg.seed) if self.validation is not None else None
+            sizes = [len(g.index) for g in data.groups]
+            shapes = [tuple(g.latents.shape[1:]) for g in data.groups]
 
-                groups = _group_by_shape([base.process_latent_in(_own(t).float().to(device)) for t in self.images])
-                conds = {}
-                for gi, g in enumerate(groups):
-                    noise = torch.zeros((1,) + tuple(g.latents.shape[1:]), device=device)
-                    c = comfy.samplers.process_conds(base, noise, {"positive": comfy.sampler_helpers.convert_cond(self.captions)},
-                                                     device, seed=cfg.seed)
-                    conds[gi] = _own_conds(c["positive"])
-                group_weights = torch.tensor([float(len(g.index)) for g in groups])
-                t_opts = dict(mp.model_options.get("transformer_options", {}))
-                autocast = torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+            def micro_loss(micro: int) -> torch.Tensor:
+                """The loss of micro-batch `micro`: its images, captions, noise and σ drawn from (seed, micro)."""
+                draw = draw_micro_batch(cfg.seed, micro, sizes, shapes, cfg.batch_size)
+                return fwd.loss(data, draw.group, draw.picks, draw.noise, draw.timesteps)
 
-                def micro_loss(micro: int) -> torch.Tensor:
-                    """The loss of micro-batch `micro`: its images, captions, noise and σ drawn from (seed, micro)."""
-                    gen = torch.Generator().manual_seed(step_seed(cfg.seed, micro))
-                    gi = int(torch.multinomial(group_weights, 1, generator=gen)) if len(groups) > 1 else 0
-                    g = groups[gi]
-                    pick = torch.randperm(len(g.index), generator=gen)[:cfg.batch_size].tolist()
-                    x0 = g.latents.index_select(0, _to_device(torch.tensor(pick), device))
-                    noise = _to_device(torch.randn(x0.shape, generator=gen), device)
-                    pct = torch.rand(len(pick), generator=gen).tolist()
-                    sigma = _to_device(torch.tensor([float(host_ms.percent_to_sigma(v)) for v in pct]), device)
-                    kw = _batch_conds([conds[gi][self.caption_of[g.index[i]]] for i in pick])
-                    opts = dict(t_opts, sigmas=sigma, cond_or_uncond=[0] * len(pick))
-                    with autocast:
-                        xt = ms.noise_scaling(sigma, noise, x0, False)
-                        x0_pred = base.apply_model(xt, sigma, transformer_options=opts, **kw)
-                    scale = _prediction_scale(ms, sigma, x0_pred.ndim) if space != "x0" else None
-                    return loss_value(cfg.loss_function, prediction_residual(x0_pred, x0, scale))
+            if cfg.bypass_mode:  # forward hooks on the layers' outputs; their forwards stay as they are
+                undo.callback(network.attach_output_hooks(candidates, train_host.comfy_bias_of))
+            else:
+                undo.callback(network.attach(candidates, train_host.comfy_weight_of, train_host.comfy_bias_of))
+            if cfg.gradient_checkpointing:
+                undo.callback(enable_checkpointing(checkpoint_units(base.diffusion_model, cfg.checkpoint_depth)))
+            mp.pre_run()
+            previewer = _previewer(base) if cfg.preview_every > 0 and self.vae is None else None
+            pbar = comfy.utils.ProgressBar(cfg.steps, node_id=self.node_id)
+            bar = undo.enter_context(tqdm(total=cfg.steps, desc="Training PaRa", disable=not comfy.utils.PROGRESS_BAR_ENABLED))
+            schedule = (None if cfg.lr_schedule == "constant" and cfg.warmup_steps == 0
+                        else (lambda step: cfg.lr_at(step, total)))
+            # No host synchronisation per step: the bases' rank/finiteness margins stay on the device
+            # (network.step(check=False)) and are validated every CHECK_EVERY steps, before a save and at the end.
+            loop = TrainingLoop(optimizer, micro_loss, cfg.grad_accumulation_steps, losses=self.loss_map["loss"],
+                                step_context=lambda: network.step(check=False),
+                                check=comfy.model_management.throw_exception_if_processing_interrupted, learning_rate=schedule)
+            if held_out is not None:
+                points = validation_points([tuple(held_out.samples.images[i].shape[1:]) for i in range(len(held_out.samples.images))],
+                                           VALIDATION_POINTS)
+                self.loss_map.update(validation_loss=[], validation_step=[])
 
-                undo.append(network.attach(candidates, _comfy_weight_of, _comfy_bias_of))
-                if cfg.gradient_checkpointing:
-                    undo.append(enable_checkpointing(checkpoint_units(base.diffusion_model)))
-                mp.pre_run()
-                previewer = _previewer(base) if cfg.preview_every > 0 and self.vae is None else None
-                pbar = comfy.utils.ProgressBar(cfg.steps, node_id=self.node_id)
-                bar = tqdm(total=cfg.steps, desc="Training PaRa", disable=not comfy.utils.PROGRESS_BAR_ENABLED)
-                # No host synchronisation per step: the bases' rank/finiteness margins stay on the device
-                # (network.step(check=False)) and are validated every CHECK_EVERY steps, before a save and at the end.
-                loop = TrainingLoop(optimizer, micro_loss, cfg.grad_accumulation_steps, losses=self.loss_map["loss"],
-                                    step_context=lambda: network.step(check=False),
-                                    check=comfy.model_management.throw_exception_if_processing_interrupted)
-                for step in range(start_step, total):
-                    loop.step(step)
-                    done = self.done = step + 1
-                    if done % CHECK_EVERY == 0:
-                        network.check()
-                    preview = None
-                    if cfg.preview_every > 0 and (done % cfg.preview_every == 0 or done == total):
-                        preview = self._preview(base, ms, network, groups, conds, t_opts, autocast, previewer)
-                    if cfg.save_every > 0 and (done % cfg.save_every == 0 or done == total):
-                        loop.flush()  # the sidecar carries the exact loss history
-                        network.check()
-                        self._checkpoint(network, optimizer, p, done, space)
-                    bar.update(1)
-                    if loop.last_loss is not None:
-                        bar.set_postfix(loss=f"{loop.last_loss:.4f}")
-                    self._report(done - start_step, cfg.steps, done, total, loop.last_loss, pbar, preview)
-                loop.flush()
-                network.check()
-                self.modes = network.describe_modes()
-                network.requires_grad_(False)
-                para = network.to_para_model(self._metadata(p, total, space))
-            finally:
-                if bar is not None:
-                    bar.close()
-                for u in reversed(undo):
-                    u()
-                shared.restore()
+            def validate(done: int) -> None:
+                self.loss_map["validation_step"].append(done)
+                self.loss_map["validation_loss"].append(fwd.validation_loss(held_out, points, network, cfg.batch_size))
+
+            if held_out is not None:
+                validate(start_step)
+
+            def after_step(done: int) -> None:
+                self.done = done
+                if done % CHECK_EVERY == 0:
+                    network.check()
+                preview = None
+                if cfg.preview_every > 0 and (done % cfg.preview_every == 0 or done == total):
+                    preview = self._preview(fwd, network, data, previewer)
+                if held_out is not None and ((cfg.validation_every > 0 and done % cfg.validation_every == 0) or done == total):
+                    validate(done)
+                if cfg.save_every > 0 and (done % cfg.save_every == 0 or done == total):
+                    loop.flush()  # the sidecar carries the exact loss history
+                    network.check()
+                    self._checkpoint(network, optimizer, p, done, space)
+                bar.update(1)
+                if loop.last_loss is not None:
+                    bar.set_postfix(loss=f"{loop.last_loss:.4f}")
+                self._report(done - start_step, cfg.steps, done, total, loop.last_loss, pbar, preview)
+
+            loop.run(start_step, total, after_step)
+            network.check()
+            self.modes = network.describe_modes() + (" (bypass mode: forward hooks)" if cfg.bypass_mode else "")
+            network.requires_grad_(False)
+            para = network.to_para_model(self._metadata(p, total, space))
         self.space = space
         self.network = network
         self.total_steps = total
@@ -634,21 +480,22 @@ class Trainer:
         log.info("Train PaRa: step %d saved %s", done, path)
 
     @torch.no_grad()
-    def _preview(self, base, ms, network, groups, conds, t_opts, autocast, previewer):
+    def _preview(self, fwd: "_Forward", network: ParaNetwork, data: "_Prepared", previewer):
         """A sample from the first caption with fixed noise (Euler, cfg 1), decoded by the VAE or the latent previewer."""
-        g = groups[0]
-        cond = _batch_conds([conds[0][self.caption_of[g.index[0]]]])
+        base, ms = fwd.base, fwd.base.model_sampling
+        g = data.groups[0]
+        cond = train_host.batch_conds([data.conds[0][data.samples.caption_of[g.index[0]]]])
         device = g.latents.device
         gen = torch.Generator().manual_seed(int(self.cfg.seed) % (2 ** 63))
         shape = (1,) + tuple(g.latents.shape[1:])
         sigmas = comfy.samplers.calculate_sigmas(ms, "simple", PREVIEW_STEPS).to(device)
         x = ms.noise_scaling(sigmas[:1], torch.randn(shape, generator=gen).to(device), torch.zeros(shape, device=device), True)
-        with network.step():
+        with network.step(), _keeping_modes(network):
             for i in range(len(sigmas) - 1):
                 comfy.model_management.throw_exception_if_processing_interrupted()
                 s = sigmas[i:i + 1]
-                with autocast:
-                    den = base.apply_model(x, s, transformer_options=dict(t_opts, sigmas=s, cond_or_uncond=[0]), **cond).float()
+                with fwd.autocast:
+                    den = base.apply_model(x, s, transformer_options=dict(fwd.t_opts, sigmas=s, cond_or_uncond=[0]), **cond).float()
                 x = x + (x - den) / s.reshape(-1, 1, 1, 1) * (sigmas[i + 1] - sigmas[i])
         x = ms.inverse_noise_scaling(sigmas[-1:], x)
         if self.vae is not None:
@@ -671,6 +518,47 @@ def _first(v, default=None):
     if v is None:
         return default
     return v[0] if isinstance(v, list) else v
+
+
+def _training_dtypes() -> list[str]:
+    """bf16, fp32, and 'none' where this ComfyUI's Train LoRA offers it."""
+    return list(DTYPES) + (["none"] if train_host.host_offers("training_dtype_none") else [])
+
+
+def _host_parity_inputs() -> list:
+    """The inputs of core Train LoRA that this ComfyUI's trainer has (feature-detected from its schema), with
+    the same names and meanings; absent on a host whose Train LoRA lacks them. Where PaRa differs, the tooltip
+    says how."""
+    inputs = []
+    for name in ("checkpoint_depth",) + tuple(_HOST_SWITCHES):
+        if not train_host.host_offers(name):
+            continue
+        if name == "checkpoint_depth":
+            inputs.append(io.Int.Input(
+                name, default=DEFAULT_CHECKPOINT_DEPTH, min=1, max=5, optional=True,
+                tooltip="Depth of the units gradient checkpointing recomputes, counted as Train LoRA counts it: 1 is "
+                        "the whole diffusion model, 2 its top-level blocks, 3 their children... PaRa's default is 2: at "
+                        "1 backward recomputes and holds every activation at once, which saves no memory at the peak."))
+        else:
+            inputs.append(io.Boolean.Input(name, default=False, optional=True, tooltip=_HOST_SWITCHES[name]))
+    return inputs
+
+
+_HOST_SWITCHES = {  # core Train LoRA's on/off inputs Train PaRa follows (listed in this order): their tooltips
+    "offloading": "Keep the weights that do not fit on the CPU: ComfyUI loads the model partially and casts each layer's "
+                  "weight to the GPU when the layer runs (the same load as Train LoRA's offloading). PaRa's own tensors "
+                  "(B, its Q) are small and stay on the GPU.",
+    "bucket_mode": "Each LATENT input is one resolution bucket (ResolutionBucket's output): a batch comes from one bucket, "
+                   "buckets drawn in proportion to their size, as in Train LoRA. Off, PaRa still never mixes resolutions "
+                   "in a batch: it groups images of the same shape itself, wherever they come from.",
+    "bypass_mode": "Train through forward hooks on the targeted layers' outputs (y - QQᵀ(y - b)) instead of replacing "
+                   "their forwards: each layer's own forward, weight and flags stay untouched (quantized or offloaded "
+                   "weights are used as they are). PaRa never writes weights while training in either mode; bypass "
+                   "always projects outputs (projection is ignored). The result is the same PaRa.",
+    "quantized_backward": "With training_dtype none on a quantized model: ComfyUI's quantized layers run their backward "
+                          "as quantized (fp8) matmuls, as in Train LoRA. Only the activation gradients that reach PaRa's "
+                          "layers pass through them; B is trained in float32 either way.",
+}
 
 
 class PaRaTrainer(io.ComfyNode):
@@ -712,8 +600,12 @@ class PaRaTrainer(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
                              tooltip="Seed for B's initialisation and for the noise, timesteps and batches of every step. "
                                      "Same seed and inputs: the same run."),
-                io.Combo.Input("training_dtype", options=list(DTYPES), default="bf16",
-                               tooltip="Compute dtype of the model during training (autocast). B and its QR stay float32."),
+                io.Combo.Input("training_dtype", options=_training_dtypes(), default="bf16",
+                               tooltip="Compute dtype of the model during training (autocast). B and its QR stay float32."
+                                       + (" none: the model's own compute dtype, nothing overridden (fp16 and bf16 models "
+                                          "compute in their dtype, fp8/quantized ones in bf16, as Train LoRA). Unlike "
+                                          "Train LoRA no gradient scaler is used for fp16: B, its gradient and the "
+                                          "optimizer stay float32." if train_host.host_offers("training_dtype_none") else "")),
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Recompute activations in backward instead of storing them: less memory, ~30% slower."),
                 io.Combo.Input("targets", options=list(PRESETS), default=DEFAULT_PRESET,
@@ -758,6 +650,28 @@ class PaRaTrainer(io.ComfyNode):
                                        "auto: each layer shape is timed both ways at the first step and the faster is kept "
                                        "(the node reports the split). output / weight: force one (bit-identical reruns "
                                        "across processes)."),
+            ] + _host_parity_inputs() + [
+                io.Combo.Input("lr_schedule", options=list(LR_SCHEDULES), default="constant", optional=True,
+                               tooltip="How the learning rate changes over the steps (after warmup_steps): constant; "
+                                       "cosine: down to 0 along half a cosine; linear: down to 0 in a straight line. "
+                                       "Counted over all steps, existing_para's included."),
+                io.Int.Input("warmup_steps", default=0, min=0, max=100000, optional=True,
+                             tooltip="The first N steps raise the learning rate linearly, step k (from 0) using "
+                                     "learning_rate·(k+1)/N. 0: no warm-up."),
+                io.Latent.Input("validation_latents", optional=True,
+                                tooltip="Optional held-out images (not trained on): their loss at fixed noise and "
+                                        "timesteps is measured at the start, every validation_every steps and at the end, "
+                                        "plotted beside the training loss on this node and added to loss_map."),
+                io.Conditioning.Input("validation_positive", optional=True,
+                                      tooltip="Captions of validation_latents: one for all or one per image. Without it the "
+                                              "training caption is used (when there is one for all images)."),
+                io.Float.Input("validation_split", default=0.0, min=0.0, max=0.5, step=0.01, optional=True,
+                               tooltip="Hold out this fraction of the training images (chosen by seed, at least one) and "
+                                       "measure the validation loss on them instead of training on them. 0: none."),
+                io.Int.Input("validation_every", default=0, min=0, max=100000, optional=True,
+                             tooltip="Measure the validation loss every N steps (always at the start and the end when "
+                                     "there are validation images). Each measurement is one no-gradient forward per "
+                                     "4 fixed points per held-out image."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained PaRa applied as weight patches."),
@@ -777,7 +691,10 @@ class PaRaTrainer(io.ComfyNode):
     def execute(cls, model, latents, positive, batch_size, grad_accumulation_steps, steps, learning_rate, rank,
                 optimizer, loss_function, seed, training_dtype, gradient_checkpointing, targets, rank_boundary,
                 loss_space, include=None, exclude=None, existing_para=None, save_every=None, preview_every=None,
-                vae=None, filename_prefix=None, init=None, projection=None) -> io.NodeOutput:
+                vae=None, filename_prefix=None, init=None, projection=None, checkpoint_depth=None, offloading=None,
+                bucket_mode=None, bypass_mode=None, quantized_backward=None, lr_schedule=None, warmup_steps=None,
+                validation_latents=None, validation_positive=None, validation_split=None,
+                validation_every=None) -> io.NodeOutput:
         cfg = TrainConfig(
             steps=_first(steps), learning_rate=_first(learning_rate), rank=_first(rank), seed=_first(seed),
             batch_size=_first(batch_size), grad_accumulation_steps=_first(grad_accumulation_steps),
@@ -787,14 +704,20 @@ class PaRaTrainer(io.ComfyNode):
             loss_space=_first(loss_space), existing_para=_first(existing_para, NONE) or NONE,
             save_every=_first(save_every, 0) or 0, preview_every=_first(preview_every, 0) or 0,
             filename_prefix=DEFAULT_PREFIX if _first(filename_prefix) is None else _first(filename_prefix),
-            init=_first(init, DEFAULT_INIT) or DEFAULT_INIT, projection=_first(projection, "auto") or "auto")
+            init=_first(init, DEFAULT_INIT) or DEFAULT_INIT, projection=_first(projection, "auto") or "auto",
+            checkpoint_depth=_first(checkpoint_depth, DEFAULT_CHECKPOINT_DEPTH) or DEFAULT_CHECKPOINT_DEPTH,
+            offloading=bool(_first(offloading, False)), bucket_mode=bool(_first(bucket_mode, False)),
+            bypass_mode=bool(_first(bypass_mode, False)), quantized_backward=bool(_first(quantized_backward, False)),
+            lr_schedule=_first(lr_schedule, "constant") or "constant", warmup_steps=_first(warmup_steps, 0) or 0,
+            validation_split=_first(validation_split, 0.0) or 0.0, validation_every=_first(validation_every, 0) or 0)
         hidden = getattr(cls, "hidden", None)
         node_id = getattr(hidden, "unique_id", None) if hidden is not None else None
         # ComfyUI runs the valid outputs of a prompt whose Save PaRa failed validation: do not train for nothing
         bad_save = paths.bad_save_downstream(getattr(hidden, "prompt", None), node_id)
         if bad_save:
             raise ValueError(f"Train PaRa: not started: {bad_save}")
-        trainer = Trainer(_first(model), latents, positive, cfg, vae=_first(vae), node_id=node_id)
+        trainer = Trainer(_first(model), latents, positive, cfg, vae=_first(vae), node_id=node_id,
+                          validation_latents=validation_latents, validation_positive=validation_positive)
         try:
             para = trainer.run()
         except comfy.model_management.InterruptProcessingException:
@@ -805,13 +728,23 @@ class PaRaTrainer(io.ComfyNode):
         out_model, _clip, text = apply_para(para, _first(model), None, 1.0, 1.0)
         losses = trainer.loss_map["loss"]
         # the key facts first: the node's text box shows about two lines before it scrolls
-        summary = "\n".join([f"steps {trainer.total_steps}, loss {losses[-1]:.4f} ({trainer.space} space); "
-                              f"{para.num_bytes() / 1024:.1f} KiB as fp16", trainer.plan.describe(), trainer.modes] + trainer.notes)
+        lines = [f"steps {trainer.total_steps}, loss {losses[-1]:.4f} ({trainer.space} space); "
+                 f"{para.num_bytes() / 1024:.1f} KiB as fp16", trainer.plan.describe(), trainer.modes]
+        if "validation_loss" in trainer.loss_map:
+            v = trainer.loss_map["validation_loss"]
+            lines.append(f"validation loss {v[0]:.4f} at step {trainer.loss_map['validation_step'][0]} -> {v[-1]:.4f} "
+                         f"at step {trainer.loss_map['validation_step'][-1]} ({len(trainer.validation.images)} held-out images)")
+        summary = "\n".join(lines + trainer.notes)
         if trainer.saved:
             summary += f"\nsaved {len(trainer.saved)} file(s), last {os.path.relpath(trainer.saved[-1], folder_paths.get_output_directory())}"
         ui_out: dict = ui_text.report(cls, summary).as_dict()  # on the node and in the history
+        images = []
         if trainer.previews:
-            ui_out.update(ui.PreviewImage(torch.stack(trainer.previews), cls=cls).as_dict())
+            images += ui.PreviewImage(torch.stack(trainer.previews), cls=cls).as_dict()["images"]
+        if "validation_loss" in trainer.loss_map:  # the loss plot, training beside validation
+            images += ui.PreviewImage(loss_plot(trainer.loss_map), cls=cls).as_dict()["images"]
+        if images:
+            ui_out["images"] = images
         return io.NodeOutput(out_model, para, trainer.loss_map, trainer.total_steps, ui=ui_out)
 
 

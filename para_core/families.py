@@ -1,7 +1,7 @@
 """The model-family record: everything the pack knows about a model family, one ``Family`` per key in
 ``FAMILIES``. Everything else reads from here - ``targets`` (which ComfyUI classes are which family, what
 ExCA / self_attention / attention select), ``blocks`` (named blocks for per-block strength), the trainer's
-``train_compat`` (which families update saved tensors in place) and ``checkpoint`` (top-level names of a
+``training_compat`` in nodes/train_host.py (which families update saved tensors in place) and ``checkpoint`` (top-level names of a
 bare diffusion-model file). Pure: class names and regexes, no ComfyUI import.
 
 Regexes are searched in module names without the ``diffusion_model.`` prefix (N = block index):
@@ -48,7 +48,7 @@ class Family:
     bare_prefixes: tuple[str, ...] = ()  # top-level keys of a bare diffusion-model checkpoint of this family
 
 
-_FLUX_CROSS = r"\.txt_(attn|mlp)\.|^txt_in(\.|$)"
+_FLUX_CROSS = r"\.txt_(attn|mlp)\.|^(txt_in|byt5_in|vision_in|cond_type_embedding)(\.|$)"
 _FLUX_EMBED = (r"^(time_in|vector_in|guidance_in|time_text_embed|distilled_guidance_layer)(\.|$)"
                r"|\.(img_mod|txt_mod|modulation)\.|(^|\.)\w*modulation\w*(\.|$)|^txt_in\.(t_embedder|c_embedder)\.")
 
@@ -93,7 +93,8 @@ _ALL = (
         ("Flux", "Chroma", "ChromaRadiance", "HunyuanVideo"),
         cross=_FLUX_CROSS,
         cross_why="txt_attn / txt_mlp are the double blocks' text stream, txt_in the text projection "
-                  "(Hunyuan: the whole token refiner)",
+                  "(Hunyuan: the whole token refiner); HunyuanVideo 1.5's byt5_in (glyph text), vision_in (SigLIP "
+                  "image tokens) and cond_type_embedding (the token-type table) all feed that text stream",
         cross_attention=r"\.txt_attn\.|^txt_in\..*\.self_attn\.",
         embed=_FLUX_EMBED,
         embed_why="time_in, vector_in, guidance_in, img_mod / txt_mod / single modulation, Flux.2's shared "
@@ -179,7 +180,9 @@ _ALL = (
         self_attention=r"\.self_attn\.", blocks={"blocks": "blocks."}, in_place_safe=True),
     Family(
         "ltxv", "LTX-Video (LTXV, LTXAV)", ("LTXV", "LTXAV"), ("LTXVModel", "LTXAVModel"),
-        cross=r"^(audio_)?caption_projection(\.|$)|\.(audio_)?attn2\.", cross_why="attn2, caption_projection",
+        cross=r"^(audio_)?caption_projection(\.|$)|\.(audio_)?attn2\.|^(audio|video)_embeddings_connector\.",
+        cross_why="attn2, caption_projection; LTX-2's video / audio embeddings connectors (transformers over the "
+                  "text tokens only); audio_to_video / video_to_audio attention joins the two generated streams: kept",
         cross_attention=r"\.(audio_)?attn2\.",
         embed=r"(^|_)adaln_single(\.|$)", embed_why="adaln_single (timestep embedding and the 6-way modulation it drives)",
         self_attention=r"\.(audio_)?attn1\.", blocks={"blocks": "transformer_blocks."},
@@ -283,6 +286,14 @@ _ALL = (
         embed=r"^t_embedder1\.", embed_why="t_embedder1 (the timestep token)",
         self_attention=r"^language_model\.layers\.\d+\.self_attn\.",
         blocks={"layers": "language_model.layers.", "visual": "visual."}),
+    Family(
+        "minimax_h3", "MiniMax H3 (joint video + audio)", ("MiniMaxH3",), ("MiniMaxH3Model",),
+        cross=r"^(condition_proj|token_refiner)(\.|$)",
+        cross_why="condition_proj and token_refiner turn the Qwen states into text tokens; the DiT blocks attend "
+                  "over [text; video; audio] jointly (kept)",
+        cross_attention=r"^token_refiner\.blocks\.\d+\.attn\.",
+        embed=r"^time_embedder\.|(^|\.)adaln_proj\.", embed_why="time_embedder and every adaln_proj (per-block modulation)",
+        self_attention=r"^blocks\.\d+\.attn\.", blocks={"blocks": "blocks."}),
     Family(
         "generic", "anything else (rules on names)", (), (),
         cross=r"(^|\.)(attn2|cross_attn|crossattn|cross_attention)(\.|$)", cross_why="attn2 / cross_attn",

@@ -246,7 +246,17 @@ def match_modules(para: ParaModel, resolve: Callable[[str], tuple[object, int] |
     return rep
 
 
+def training_metadata(training: dict, targets: str, name: str, base_model: str = "") -> dict[str, str]:
+    """The header entries of a trained PaRa: ``training`` (the run's settings as JSON with sorted keys, read
+    back by `parse_training_metadata`), ``targets``, ``name`` and, when known, ``base_model``."""
+    meta = {"targets": targets, "training": json.dumps(training, sort_keys=True), "name": name}
+    if base_model:
+        meta["base_model"] = base_model
+    return meta
+
+
 def parse_training_metadata(para: ParaModel) -> dict:
+    """The ``training`` entry written by `training_metadata` as a dict ({} if absent or not a JSON object)."""
     raw = para.metadata.get("training")
     if not raw:
         return {}

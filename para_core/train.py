@@ -23,6 +23,7 @@ Why these choices:
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
@@ -46,6 +47,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 STATE_SUFFIX = ".para_state"
 STATE_FORMAT = "para_train_state"
 STATE_VERSION = "1"
+LR_SCHEDULES = ("constant", "cosine", "linear")
+DEFAULT_CHECKPOINT_DEPTH = 2  # the diffusion model's blocks (core Train LoRA's default, 1, is the whole model)
+VALIDATION_SEED = 0x5A11D  # the held-out draw's own seed: the same for every run, whatever its training seed
 SPAN_TOLERANCE = 1e-2  # max |Q - B̂B̂ᵀQ| between the file's fp16 Q and the sidecar's B (fp16 noise ~1e-3)
 
 
@@ -73,19 +77,36 @@ class TrainConfig:
     filename_prefix: str = "para/ComfyUI_para_train"
     init: str = DEFAULT_INIT
     projection: str = "auto"
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    checkpoint_depth: int = DEFAULT_CHECKPOINT_DEPTH
+    bucket_mode: bool = False
+    bypass_mode: bool = False
+    offloading: bool = False
+    quantized_backward: bool = False
+    validation_split: float = 0.0
+    validation_every: int = 0
 
     def __post_init__(self):
         for name, value, allowed in (("optimizer", self.optimizer, OPTIMIZERS), ("loss_function", self.loss_function, LOSS_FUNCTIONS),
-                                     ("loss_space", self.loss_space, LOSS_SPACES), ("training_dtype", self.training_dtype, DTYPES)):
+                                     ("loss_space", self.loss_space, LOSS_SPACES), ("lr_schedule", self.lr_schedule, LR_SCHEDULES),
+                                     ("training_dtype", self.training_dtype, tuple(DTYPES) + ("none",))):
             if value not in allowed:
                 raise ValueError(f"{name} '{value}' is not one of {', '.join(allowed)}")
-        for name in ("steps", "batch_size", "grad_accumulation_steps", "rank"):
+        for name in ("steps", "batch_size", "grad_accumulation_steps", "rank", "checkpoint_depth"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= float(self.validation_split) < 1.0:
+            raise ValueError(f"validation_split must be in [0, 1), got {self.validation_split}")
 
     @property
-    def dtype(self) -> torch.dtype:
-        return DTYPES[self.training_dtype]
+    def dtype(self) -> torch.dtype | None:
+        """The compute dtype, None for training_dtype 'none' (the model's own: the host decides)."""
+        return DTYPES.get(self.training_dtype)
+
+    def lr_at(self, step: int, total_steps: int) -> float:
+        """This run's learning rate at optimizer step `step` (see `learning_rate_at`)."""
+        return learning_rate_at(step, total_steps, self.learning_rate, self.lr_schedule, self.warmup_steps)
 
 
 # ---- loss -------------------------------------------------------------------------------------------
@@ -137,6 +158,29 @@ def make_optimizer(name: str, params: Iterable[torch.Tensor], lr: float) -> torc
     return classes[name](list(params), lr=lr)
 
 
+def learning_rate_at(step: int, total_steps: int, base_lr: float, schedule: str = "constant", warmup_steps: int = 0) -> float:
+    """The learning rate of optimizer step `step` (0-based, counted over the whole run, resumed steps included)
+    of a run of `total_steps` steps.
+
+    Warm-up (step < warmup_steps): lr = base·(step + 1)/warmup_steps, rising linearly so that the first step
+    already moves (step 0 of a plain 0 → base ramp would be a wasted step) and the last warm-up step reaches
+    base. After it, with p = (step - warmup_steps)/(total_steps - warmup_steps) ∈ [0, 1):
+    constant: base; linear: base·(1 - p); cosine: base·(1 + cos πp)/2. Neither decay reaches 0 on a step that
+    is taken (p < 1), and a resumed run with the same total gets the same value at every step.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule '{schedule}' is not one of {', '.join(LR_SCHEDULES)}")
+    step, total, warmup = int(step), int(total_steps), max(0, int(warmup_steps))
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    if schedule == "constant":
+        return float(base_lr)
+    p = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return base_lr * (1.0 - p)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
 def step_seed(seed: int, micro: int) -> int:
     """A generator seed for one micro-step, from (seed, micro-step index) only (SplitMix-style odd
     multipliers, so neighbouring seeds and steps do not give related streams): runs and resumed runs draw
@@ -144,25 +188,132 @@ def step_seed(seed: int, micro: int) -> int:
     return (int(seed) * 0x9E3779B97F4A7C15 + int(micro) * 0xBF58476D1CE4E5B9 + 1) % (2 ** 63)
 
 
+# ---- batching ----------------------------------------------------------------------------------------
+@dataclass
+class ShapeGroup:
+    """Images of one shape (a resolution bucket): their latents (n, C, ...) stacked, and their indices in the
+    input order (what pairs each with its caption)."""
+    latents: torch.Tensor
+    index: list[int]
+
+
+def group_by_shape(images: list[torch.Tensor], buckets: list[int] | None = None) -> list[ShapeGroup]:
+    """(1, C, ...) images -> one group per shape, in order of first appearance: a batch never mixes shapes.
+    With `buckets` (bucket mode: the bucket of each image, e.g. which LATENT input it came from), one group
+    per bucket instead, as given; a bucket must hold one shape."""
+    keys = [tuple(t.shape[1:]) for t in images] if buckets is None else list(buckets)
+    found: dict[object, list[int]] = {}
+    for i, key in enumerate(keys):
+        found.setdefault(key, []).append(i)
+    for key, idx in found.items():
+        shapes = {tuple(images[i].shape[1:]) for i in idx}
+        if len(shapes) > 1:
+            raise ValueError(f"bucket {key} holds images of {len(shapes)} shapes {sorted(shapes)}: a bucket must have one shape")
+    return [ShapeGroup(torch.cat([images[i] for i in idx]), idx) for idx in found.values()]
+
+
+@dataclass
+class MicroBatch:
+    """What one micro-step trains on, drawn from (seed, micro) only: the group, the positions of its images
+    within the group, their noise (CPU, float32) and their timesteps as fractions of the schedule in [0, 1)."""
+    group: int
+    picks: list[int]
+    noise: torch.Tensor
+    timesteps: list[float]
+
+
+def draw_micro_batch(seed: int, micro: int, group_sizes: list[int], sample_shapes: list[tuple], batch_size: int) -> MicroBatch:
+    """The seeded draw of micro-step `micro`: a group with probability proportional to its size (each image
+    is equally likely to be trained on, whatever its resolution), then up to batch_size distinct images of
+    it, their noise and their timesteps - in this order from one generator seeded by `step_seed`."""
+    gen = torch.Generator().manual_seed(step_seed(seed, micro))
+    group = 0
+    if len(group_sizes) > 1:
+        group = int(torch.multinomial(torch.tensor([float(n) for n in group_sizes]), 1, generator=gen))
+    picks = torch.randperm(group_sizes[group], generator=gen)[:batch_size].tolist()
+    noise = torch.randn((len(picks),) + tuple(sample_shapes[group]), generator=gen)
+    timesteps = torch.rand(len(picks), generator=gen).tolist()
+    return MicroBatch(group, picks, noise, timesteps)
+
+
+# ---- validation --------------------------------------------------------------------------------------
+def split_validation(n_images: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training, held-out) image indices, both ascending: round(fraction·n) images, at least 1 when fraction > 0,
+    chosen by a permutation seeded with `seed`; at least one image stays for training."""
+    if fraction <= 0:
+        return list(range(n_images)), []
+    k = max(1, round(fraction * n_images))
+    if k >= n_images:
+        raise ValueError(f"validation_split {fraction} holds out {k} of {n_images} images: none would be left to train on")
+    held = sorted(torch.randperm(n_images, generator=torch.Generator().manual_seed(int(seed) % (2 ** 63)))[:k].tolist())
+    return [i for i in range(n_images) if i not in set(held)], held
+
+
+@dataclass
+class ValidationPoint:
+    """One fixed evaluation of a held-out image: its index, noise (CPU, float32) and timestep fraction."""
+    image: int
+    noise: torch.Tensor
+    timestep: float
+
+
+def validation_points(shapes: list[tuple], points_per_image: int = 4) -> list[ValidationPoint]:
+    """The fixed draw of the validation loss: for each held-out image (shape (C, ...)), `points_per_image`
+    timesteps at the centres of equal strata of the schedule, (k + 0.5)/K, each with its own noise from one
+    generator seeded with VALIDATION_SEED. It depends on nothing else - not the step, not the training seed -
+    so validation losses are comparable across the steps of a run and across runs on the same images."""
+    gen = torch.Generator().manual_seed(VALIDATION_SEED)
+    out = []
+    for i, shape in enumerate(shapes):
+        for k in range(points_per_image):
+            out.append(ValidationPoint(i, torch.randn((1,) + tuple(shape), generator=gen), (k + 0.5) / points_per_image))
+    return out
+
+
 # ---- gradient checkpointing -------------------------------------------------------------------------
-def checkpoint_units(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """The first non-container modules below `module` (blocks, not ModuleList/Sequential/ModuleDict):
-    the units whose activations gradient checkpointing recomputes, as ComfyUI's Train LoRA chooses them."""
+def checkpoint_units(module: torch.nn.Module, depth: int = DEFAULT_CHECKPOINT_DEPTH) -> list[torch.nn.Module]:
+    """The modules at `depth` below `module`, counted as ComfyUI's Train LoRA counts its ``checkpoint_depth``
+    (``find_modules_at_depth``): `module` itself is depth 1, each non-container module one level deeper, and
+    containers (ModuleList, Sequential, ModuleDict) do not count. These are the units whose activations
+    gradient checkpointing recomputes. Depth 2 (the default here) is the diffusion model's blocks; depth 1
+    is the whole model as one unit, which saves nothing at the peak (its backward recomputes and holds every
+    activation at once); deeper units save less memory and recompute less. A branch that ends above `depth`
+    contributes nothing (as in core)."""
+    if depth < 1:
+        raise ValueError(f"checkpoint depth must be at least 1, got {depth}")
+    if depth == 1:
+        return [module]
     out = []
     for child in module.children():
-        if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)):
-            out.extend(checkpoint_units(child))
-        else:
-            out.append(child)
+        container = isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict))
+        out.extend(checkpoint_units(child, depth if container else depth - 1))
     return out
+
+
+def _same_attention_kernel(inner: Callable) -> Callable:
+    """`inner` with scaled-dot-product attention kept off cuDNN's kernel, in the forward and in its
+    recomputation alike. Measured on an H200 (torch 2.11, Flux at 1024 px): the forward ran cuDNN's attention
+    (statistics saved as (B, H, S, 1)) and the recomputation in backward the memory-efficient kernel
+    ((B, H, S) and a philox seed), which torch.utils.checkpoint refuses as different saved tensors. Without
+    cuDNN the choice among flash / memory-efficient / math depends on the inputs only, which are the same.
+    (The GPU could not be had again in that session: this fix is checked on the CPU only.)"""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+    def run(*args, **kwargs):
+        with sdpa_kernel(backends):
+            return inner(*args, **kwargs)
+    return run
 
 
 def enable_checkpointing(units: Iterable[torch.nn.Module]) -> Callable[[], None]:
     """Recompute each unit's activations in backward instead of storing them (less memory, one more
     forward per unit). Returns the undo (see `forward_patch.wrap_forwards`)."""
     def make_forward(_m, inner):
+        pinned = _same_attention_kernel(inner)
+
         def fwd(*args, **kwargs):
-            return torch.utils.checkpoint.checkpoint(inner, *args, use_reentrant=False, **kwargs)
+            return torch.utils.checkpoint.checkpoint(pinned, *args, use_reentrant=False, **kwargs)
         return fwd
     return wrap_forwards(units, make_forward)
 
@@ -175,6 +326,8 @@ class TrainingLoop:
     it runs the model forward and must draw its randomness from `micro` only (see `step_seed`).
     step_context() is entered around each forward+backward (ParaNetwork.step: every Q once per micro-step).
     check() is called before every micro-step and before every optimizer step (interrupts).
+    learning_rate(step), if given, sets every parameter group's lr before optimizer step `step` (a schedule,
+    see `learning_rate_at`); without it the optimizer's own lr is used.
 
     `losses` is the exact history (mean of the micro losses of each step, as Python floats); `flush()` brings
     it up to date, `last_loss` is the newest value read (one step behind while running).
@@ -183,7 +336,7 @@ class TrainingLoop:
     def __init__(self, optimizer: torch.optim.Optimizer, micro_loss: Callable[[int], torch.Tensor],
                  grad_accumulation_steps: int = 1, losses: list[float] | None = None,
                  step_context: Callable[[], AbstractContextManager] | None = None,
-                 check: Callable[[], None] | None = None):
+                 check: Callable[[], None] | None = None, learning_rate: Callable[[int], float] | None = None):
         if grad_accumulation_steps < 1:
             raise ValueError(f"grad_accumulation_steps must be at least 1, got {grad_accumulation_steps}")
         self.optimizer = optimizer
@@ -192,6 +345,7 @@ class TrainingLoop:
         self.losses: list[float] = losses if losses is not None else []
         self.step_context = step_context or nullcontext
         self.check = check or (lambda: None)
+        self.learning_rate = learning_rate
         self._pending: list[torch.Tensor] = []  # per unread step: its micro losses (detached, on the device)
 
     def step(self, step: int) -> None:
@@ -204,6 +358,10 @@ class TrainingLoop:
                 (loss / self.accumulate).backward()
             micro_losses.append(loss.detach().reshape(()))
         self.check()
+        if self.learning_rate is not None:
+            lr = self.learning_rate(step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._pending.append(torch.stack(micro_losses))
@@ -359,6 +517,7 @@ def stages_b(para: ParaModel, state: TrainState | None) -> dict[str, torch.Tenso
 __all__ = [
     "TrainConfig", "TrainState", "TrainingLoop", "OPTIMIZERS", "LOSS_FUNCTIONS", "LOSS_SPACES", "DTYPES",
     "STATE_SUFFIX", "STATE_FORMAT", "loss_value", "prediction_scale", "prediction_residual", "make_optimizer",
-    "step_seed", "checkpoint_units", "enable_checkpointing", "state_path", "state_tensors", "state_metadata",
+    "LR_SCHEDULES", "learning_rate_at", "split_validation", "ValidationPoint", "validation_points", "VALIDATION_SEED",
+    "step_seed", "ShapeGroup", "group_by_shape", "MicroBatch", "draw_micro_batch", "checkpoint_units", "enable_checkpointing", "state_path", "state_tensors", "state_metadata",
     "save_with_state", "read_state", "restore_optimizer", "stages_b",
 ]

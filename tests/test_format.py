@@ -10,7 +10,7 @@ from reference import random_orth64
 
 from para_core import ParaError, ParaFormatError, ParaModel, match_modules, merge
 from para_core import safetensors_io
-from para_core.format import stage_key
+from para_core.format import parse_training_metadata, stage_key, training_metadata
 
 
 def _model(gen, modules=("diffusion_model.a.to_q", "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"), r=3):
@@ -304,3 +304,17 @@ def test_messages_are_one_line_for_odd_names(tmp_path):
     with pytest.raises(ParaFormatError) as e:
         ParaModel.load(str(path))
     assert "\n" not in str(e.value) and "a\\nb\\x1b.safetensors" in str(e.value)
+
+
+def test_training_metadata_round_trips_through_the_file(tmp_path, gen):
+    """The trainer's header writer and its reader: the settings come back equal, the header is sorted JSON."""
+    training = {"steps": 7, "learning_rate": 5e-4, "seed": 3, "targets": "ExCA", "loss_space": "eps"}
+    meta = training_metadata(training, "ExCA", "my_subject", "sd15")
+    assert meta == {"targets": "ExCA", "training": json.dumps(training, sort_keys=True), "name": "my_subject",
+                    "base_model": "sd15"}
+    assert "base_model" not in training_metadata(training, "ExCA", "x")
+    path = str(tmp_path / "t.safetensors")
+    ParaModel.from_bases({"diffusion_model.a": [random_orth64(16, 2, gen).float()]}, meta).save(path)
+    assert parse_training_metadata(ParaModel.load(path)) == training
+    bad = ParaModel.from_bases({"diffusion_model.a": [random_orth64(16, 2, gen).float()]}, {"training": "[1, 2]"})
+    assert parse_training_metadata(bad) == {}

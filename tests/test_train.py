@@ -16,9 +16,10 @@ from torch import nn
 from para_core.errors import ParaFormatError
 from para_core.format import ParaModel
 from para_core.layer import ParaNetwork
-from para_core.train import (STATE_FORMAT, TrainConfig, TrainingLoop, checkpoint_units, enable_checkpointing, loss_value,
-                             make_optimizer, prediction_residual, prediction_scale, read_state, restore_optimizer,
-                             save_with_state, stages_b, state_path, step_seed)
+from para_core.train import (STATE_FORMAT, TrainConfig, TrainingLoop, checkpoint_units, draw_micro_batch,
+                             enable_checkpointing, group_by_shape, loss_value, make_optimizer, prediction_residual,
+                             prediction_scale, read_state, restore_optimizer, save_with_state, stages_b, state_path,
+                             step_seed)
 
 TARGETS = ("conv", "lin1")
 RANKS = {"conv": 2, "lin1": 3}
@@ -340,3 +341,132 @@ def test_wrap_forwards_undo_restores_exactly_what_was_there():
     with pytest.raises(RuntimeError, match="boom"):
         wrap_forwards([plain, own], failing)
     assert "forward" not in plain.__dict__ and own.__dict__["forward"] is own_forward
+
+
+def test_group_by_shape_keeps_input_order_per_shape():
+    images = [torch.full((1, 4, 8, 8), float(i)) if i % 2 == 0 else torch.full((1, 4, 6, 10), float(i)) for i in range(5)]
+    groups = group_by_shape(images)
+    assert [g.index for g in groups] == [[0, 2, 4], [1, 3]]
+    assert groups[0].latents.shape == (3, 4, 8, 8) and groups[1].latents.shape == (2, 4, 6, 10)
+    assert groups[1].latents[:, 0, 0, 0].tolist() == [1.0, 3.0]
+
+
+def test_micro_batch_draw_is_a_function_of_seed_and_micro_step():
+    """The draw is exactly: group by size-weighted multinomial, randperm picks, noise, timesteps - from one
+    generator seeded by step_seed(seed, micro); a one-group run draws no group."""
+    sizes, shapes = [3, 5], [(4, 8, 8), (4, 6, 10)]
+    d = draw_micro_batch(7, 11, sizes, shapes, 2)
+    gen = torch.Generator().manual_seed(step_seed(7, 11))
+    group = int(torch.multinomial(torch.tensor([3.0, 5.0]), 1, generator=gen))
+    picks = torch.randperm(sizes[group], generator=gen)[:2].tolist()
+    noise = torch.randn((2,) + shapes[group], generator=gen)
+    timesteps = torch.rand(2, generator=gen).tolist()
+    assert (d.group, d.picks, d.timesteps) == (group, picks, timesteps) and torch.equal(d.noise, noise)
+    assert draw_micro_batch(7, 11, sizes, shapes, 2).picks == d.picks
+    one = draw_micro_batch(7, 11, [5], [(4, 8, 8)], 8)  # batch larger than the group: every image once
+    gen = torch.Generator().manual_seed(step_seed(7, 11))
+    assert one.group == 0 and one.picks == torch.randperm(5, generator=gen).tolist() and one.noise.shape == (5, 4, 8, 8)
+    # over many steps each image is equally likely whatever its group's size: groups drawn ~ 3:5
+    counts = [0, 0]
+    for micro in range(800):
+        counts[draw_micro_batch(0, micro, sizes, shapes, 1).group] += 1
+    assert 0.3 < counts[0] / 800 < 0.45
+
+
+# ---- learning-rate schedule ------------------------------------------------------------------------
+def test_learning_rate_schedule_values_are_exact():
+    """Warm-up (k+1)/N·base, then constant / linear 1-p / cosine (1+cos πp)/2 with p over the remaining steps."""
+    import math
+    from para_core.train import learning_rate_at
+    base = 0.01
+    assert [learning_rate_at(k, 10, base, "constant", 4) for k in range(10)] == [base * (k + 1) / 4 for k in range(4)] + [base] * 6
+    assert [learning_rate_at(k, 10, base, "linear", 0) for k in range(10)] == [base * (1.0 - k / 10) for k in range(10)]
+    assert [learning_rate_at(k, 8, base, "linear", 3) for k in range(3, 8)] == [base * (1.0 - (k - 3) / 5) for k in range(3, 8)]
+    want = [base * 0.5 * (1.0 + math.cos(math.pi * (k - 2) / 6)) for k in range(2, 8)]
+    assert [learning_rate_at(k, 8, base, "cosine", 2) for k in range(2, 8)] == want
+    assert learning_rate_at(2, 8, base, "cosine", 2) == base and learning_rate_at(0, 8, base, "cosine", 2) == base / 2
+    assert learning_rate_at(5, 10, base) == base  # constant, no warm-up: the base rate
+    with pytest.raises(ValueError, match="lr_schedule 'step' is not one of constant, cosine, linear"):
+        learning_rate_at(0, 1, base, "step")
+
+
+def test_training_loop_sets_the_scheduled_rate_before_each_step():
+    """SGD's update is lr·grad: with a constant gradient the parameter moves by exactly the scheduled rates."""
+    from para_core.train import learning_rate_at
+    p = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = make_optimizer("SGD", [p], 1.0)
+    loop = TrainingLoop(opt, lambda micro: p * 1.0, learning_rate=lambda s: learning_rate_at(s, 6, 0.5, "linear", 2))
+    seen = []
+    loop.run(0, 6, lambda done: seen.append((opt.param_groups[0]["lr"], float(p.detach()))))
+    rates = [learning_rate_at(s, 6, 0.5, "linear", 2) for s in range(6)]
+    assert [r for r, _ in seen] == rates
+    assert [v for _, v in seen] == [-sum(rates[:k + 1]) for k in range(6)]
+
+
+def test_config_accepts_the_new_settings_and_refuses_bad_ones():
+    cfg = TrainConfig(training_dtype="none", lr_schedule="cosine", warmup_steps=4, validation_split=0.25, learning_rate=0.1)
+    assert cfg.dtype is None and cfg.learning_rate == 0.1
+    assert [cfg.lr_at(k, 10) for k in (0, 3, 4)] == [0.1 / 4, 0.1, 0.1]
+    for bad, msg in ((dict(lr_schedule="exp"), "lr_schedule 'exp'"), (dict(checkpoint_depth=0), "checkpoint_depth must be"),
+                     (dict(validation_split=1.0), "validation_split must be in"), (dict(training_dtype="fp8"), "training_dtype 'fp8'")):
+        with pytest.raises(ValueError, match=msg):
+            TrainConfig(**bad)
+
+
+# ---- validation draw ---------------------------------------------------------------------------------
+def test_validation_split_and_points_are_fixed():
+    from para_core.train import VALIDATION_SEED, split_validation, validation_points
+    train, held = split_validation(10, 0.2, seed=3)
+    assert len(held) == 2 and sorted(train + held) == list(range(10)) and held == sorted(held)
+    assert split_validation(10, 0.2, seed=3) == (train, held)
+    assert split_validation(10, 0.0, 3) == (list(range(10)), [])
+    assert len(split_validation(3, 0.01, 0)[1]) == 1  # any fraction > 0 holds out one image at least
+    with pytest.raises(ValueError, match="holds out 2 of 2 images"):
+        split_validation(2, 0.9, 0)
+    pts = validation_points([(4, 8, 8), (4, 6, 10)], 4)
+    assert [(p.image, p.timestep) for p in pts] == [(i, (k + 0.5) / 4) for i in range(2) for k in range(4)]
+    gen = torch.Generator().manual_seed(VALIDATION_SEED)
+    for p in pts:  # one generator with a fixed seed, in order: nothing depends on the step or the training seed
+        assert torch.equal(p.noise, torch.randn((1,) + ((4, 8, 8) if p.image == 0 else (4, 6, 10)), generator=gen))
+
+
+def test_group_by_bucket_and_one_shape_per_bucket():
+    images = [torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 6, 6)]
+    assert [g.index for g in group_by_shape(images, [0, 1, 2])] == [[0], [1], [2]]
+    assert [g.index for g in group_by_shape(images, [1, 1, 0])] == [[0, 1], [2]]
+    with pytest.raises(ValueError, match=r"bucket 0 holds images of 2 shapes"):
+        group_by_shape(images, [0, 0, 0])
+
+
+# ---- checkpoint depth and bypass hooks -----------------------------------------------------------------
+def test_checkpoint_units_count_depth_as_core_does():
+    """Depth 1 is the module itself; containers do not count; 2 is the default (the old behaviour)."""
+    model = Tiny()
+    assert checkpoint_units(model, 1) == [model]
+    assert checkpoint_units(model) == checkpoint_units(model, 2) == [model.conv, model.blocks[0], model.blocks[1], model.lin2]
+    assert checkpoint_units(model, 3) == []  # the leaves end at depth 2
+    with pytest.raises(ValueError, match="at least 1"):
+        checkpoint_units(model, 0)
+
+
+def test_output_hooks_equal_the_output_space_forward_and_undo():
+    """Bypass mode (forward hooks) computes exactly what attach's output space computes, gradients included,
+    and leaves each module's forward and hooks as they were after the undo."""
+    x = _data()[:4]
+    results = {}
+    for how in ("wrap", "hooks"):
+        model = Tiny().requires_grad_(False)
+        modules = {n: getattr(model, n) for n in TARGETS}
+        net = ParaNetwork.from_weights({n: m.weight for n, m in modules.items()}, RANKS, "random", 0, "output")
+        undo = net.attach(modules) if how == "wrap" else net.attach_output_hooks(modules)
+        if how == "hooks":
+            assert all("forward" not in m.__dict__ and len(m._forward_hooks) == 1 for m in modules.values())
+        with net.step():
+            y = model(x)
+            y.square().sum().backward()
+        results[how] = (y.detach(), {n: layer.b.grad.clone() for n, layer in net.items()})
+        undo()
+        assert all("forward" not in m.__dict__ and not m._forward_hooks for m in modules.values())
+        assert torch.equal(model(x), Tiny()(x))
+    assert torch.equal(results["wrap"][0], results["hooks"][0])
+    assert all(torch.equal(results["wrap"][1][n], results["hooks"][1][n]) for n in TARGETS)

@@ -13,6 +13,7 @@ llama3 layers) and extra conditioning values). ``available()`` is the part the r
 """
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field
 
@@ -213,6 +214,46 @@ FAMILIES.update({
         extra_per_block_abs_pos_emb_type="learnable", crossattn_emb_channels=64), (16, 2, 8, 8), 4, 64, video=True),
     "wan21_causal": Family("WAN21_CausalAR_T2V", WAN_TINY, (16, 3, 8, 8), 4, 64, video=True),
     "wan_animate2": Family("WAN_Animate2", dict(WAN_TINY, model_type="animate2"), (16, 3, 8, 8), 4, 64, video=True),
+    "flux2": Family("Flux2", dict(
+        image_model="flux2", in_channels=16, out_channels=16, vec_in_dim=None, context_in_dim=64, hidden_size=64,
+        mlp_ratio=3.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 8, 8, 8], theta=2000, patch_size=1,
+        qkv_bias=False, guidance_embed=True, global_modulation=True, mlp_silu_act=True, ops_bias=False,
+        default_ref_method="index", ref_index_scale=10.0, txt_ids_dims=[3]), (16, 8, 8), 4, 64, {},
+        {"guidance": 4.0, "pooled_output": None}),
+    "chroma_radiance": Family("ChromaRadiance", dict(
+        image_model="chroma_radiance", in_channels=3, out_channels=3, context_in_dim=64, hidden_size=64, mlp_ratio=4.0,
+        num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000, patch_size=4, qkv_bias=True,
+        in_dim=64, out_dim=64, hidden_dim=64, n_layers=2, txt_ids_dims=[], vec_in_dim=None, nerf_hidden_size=16,
+        nerf_mlp_ratio=2, nerf_depth=1, nerf_max_freqs=4, nerf_tile_size=0, nerf_final_head_type="conv",
+        nerf_embedder_dtype=torch.float32, use_x0=False, use_sequential_txt_ids=False), (3, 16, 16), 4, 64,
+        extra_values={"pooled_output": None}),
+    # HunyuanVideo 1.5: 32 latent channels + 32 image-condition channels + 1 mask (zeros for text-to-video)
+    "hunyuan_video15": Family("HunyuanVideo15", dict(
+        image_model="hunyuan_video", in_channels=65, out_channels=32, vec_in_dim=None, context_in_dim=64,
+        hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[8, 12, 12], theta=256,
+        patch_size=[1, 1, 1], qkv_bias=True, guidance_embed=False, byt5=False, meanflow=False,
+        use_cond_type_embedding=True, vision_in_dim=32, meanflow_sum=True), (32, 2, 4, 4), 4, 64,
+        extra_values={"pooled_output": None}, video=True),
+    # Mochi asserts its full-size MLP width (1536 x 8): hidden 64 x ratio 192
+    "mochi": Family("GenmoMochi", dict(
+        image_model="mochi_preview", depth=1, patch_size=2, num_heads=2, hidden_size_x=64, hidden_size_y=32,
+        mlp_ratio_x=192.0, mlp_ratio_y=4.0, learn_sigma=False, in_channels=12, qk_norm=True, qkv_bias=False,
+        out_bias=True, attn_drop=0.0, patch_embed_bias=True, posenc_preserve_area=True, timestep_mlp_bias=True,
+        attend_to_padding=False, timestep_scale=1000.0, use_t5=True, t5_feat_dim=64, t5_token_length=4,
+        rope_theta=10000.0), (12, 2, 8, 8), 4, 64, extra_values={"attention_mask": torch.ones(1, 4, dtype=torch.long)},
+        video=True),
+    # Joint audio + video generators: their latent is a packed [video, audio] pair, so the matrix patches them
+    # (Load / Merge / PaRa + LoRA / presets) but does not train them (AUDIO_VIDEO in test_families.py).
+    "ltxav": Family("LTXAV", dict(
+        image_model="ltxav", in_channels=128, audio_in_channels=128, cross_attention_dim=64, audio_cross_attention_dim=32,
+        attention_head_dim=32, audio_attention_head_dim=16, num_attention_heads=2, audio_num_attention_heads=2,
+        caption_channels=64, num_layers=1, connector_attention_head_dim=32, connector_num_attention_heads=2,
+        connector_num_layers=1), (128, 2, 4, 4), 4, 64, video=True),
+    "minimax_h3": Family("MiniMaxH3", dict(
+        image_model="minimax_h3", hidden_size=64, num_layers=1, token_refiner_num_layers=1, num_attention_heads=2,
+        attention_head_dim=32, ffn_hidden_size=128, latents_dim=24, audio_latents_dim=32, text_dim=64,
+        timestep_input_dim=32, time_embed_hidden_size=64, time_embed_dim=32, rope_inv_freq_len=8), (24, 2, 8, 8), 4, 64,
+        video=True),
 })
 
 
@@ -260,11 +301,20 @@ def build(key: str):
         import comfy.model_patcher
         import comfy.supported_models
         fam = FAMILIES[key]
-        mc = getattr(comfy.supported_models, fam.config_class)(dict(fam.unet_config))
-        if fam.over_class_defaults:
-            mc.unet_config.update(fam.unet_config)
-        mc.set_inference_dtype(torch.float32, None)
-        model = mc.get_model({}, "", device="cpu")
+        config = dict(fam.unet_config)
+        while True:
+            mc = getattr(comfy.supported_models, fam.config_class)(dict(config))
+            if fam.over_class_defaults:
+                mc.unet_config.update(config)
+            mc.set_inference_dtype(torch.float32, None)
+            try:
+                model = mc.get_model({}, "", device="cpu")
+                break
+            except TypeError as e:  # a config key a later ComfyUI added (e.g. Chroma Radiance's use_sequential_txt_ids)
+                unknown = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+                if unknown is None or unknown.group(1) not in config:
+                    raise
+                del config[unknown.group(1)]
         init_weights(model.diffusion_model)
         model.eval()
         _BUILT[key] = comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))

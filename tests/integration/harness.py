@@ -342,7 +342,8 @@ class ComfyHarness:
         """Convert a UI-format workflow (what the frontend saves) to an API prompt.
 
         widgets_values are mapped to the node's widget inputs in schema order (required, then optional;
-        a seed with control_after_generate takes two slots); links become [node_id, slot]; Note nodes and
+        a seed with control_after_generate takes two slots; optional widgets after the last value keep their
+        defaults, as the front end does for a workflow saved before they existed); links become [node_id, slot]; Note nodes and
         muted/bypassed nodes are dropped. `values` replaces widget values ({old: new}, e.g. file names);
         `overrides` sets inputs per class ({class_type: {input: value}}).
         """
@@ -368,6 +369,8 @@ class ComfyHarness:
                     if not _is_widget(typ, opts):
                         continue
                     if not widgets:
+                        if section == "optional":  # a workflow saved before the input existed: the front end uses its default
+                            continue
                         raise ValueError(f"workflow node {node['id']} ({ctype}): no widget value left for input '{name}'")
                     v = widgets.pop(0)
                     inputs[name] = values.get(v, v) if isinstance(v, str) else v

@@ -31,8 +31,13 @@ def test_node_contract_and_tooltips(comfy):
     assert list(spec["required"]) == ["model", "latents", "positive", "batch_size", "grad_accumulation_steps", "steps",
                                       "learning_rate", "rank", "optimizer", "loss_function", "seed", "training_dtype",
                                       "gradient_checkpointing", "targets", "rank_boundary", "loss_space"]
+    core = comfy.nodes.NODE_CLASS_MAPPINGS["TrainLoraNode"].INPUT_TYPES()
+    core_inputs = {**core["required"], **core.get("optional", {})}
+    parity = [n for n in ("checkpoint_depth", "offloading", "bucket_mode", "bypass_mode", "quantized_backward") if n in core_inputs]
     assert list(spec["optional"]) == ["include", "exclude", "existing_para", "save_every", "preview_every", "vae",
-                                      "filename_prefix", "init", "projection"]
+                                      "filename_prefix", "init", "projection"] + parity + [
+                                      "lr_schedule", "warmup_steps", "validation_latents", "validation_positive",
+                                      "validation_split", "validation_every"]
     for section in ("required", "optional"):
         for name, s in spec[section].items():
             assert s[1].get("tooltip"), f"PaRaTrainer.{name} has no tooltip"
