@@ -134,9 +134,8 @@ def test_network_weights_resumes_from_the_saved_bases(comfy, trained):
     * it starts exactly at the saved bases: resumed with learning rate 0 for one step, the saved Q equals the
       file's to one fp16 ulp of its largest entry (B = the file's Q, re-orthonormalised in fp32, stored in fp16 again), for all 266 layers,
       and sd-scripts reports that every layer continued from the file;
-    * training then continues from there: resumed with the run's learning rate, every layer moves away from the file,
-      and the result differs from what a run that ignored the file would give, which is the file itself (same seed,
-      same init, same data: the fixture's run reproduced).
+    * training then continues from there: resumed with the run's learning rate, every layer that gets a gradient
+      moves away from the file (a run that ignored the file would reproduce the file itself: same seed, init, data).
     """
     from harness import ulp
 
@@ -155,4 +154,9 @@ def test_network_weights_resumes_from_the_saved_bases(comfy, trained):
     _train(trained["ckpt_path"], work, out, "more", "--network_weights", trained["para"], steps=2)
     more = ParaModel.load(os.path.join(out, "more.safetensors"))
     moved = {n: float((more.stages[n][0].double() - q.double()).abs().max()) for n, (q,) in saved.stages.items()}
-    assert min(moved.values()) > 2e-4, min(moved.items(), key=lambda kv: kv[1])
+    # At 64 px the mid block sees a 1x1 latent: its self-attention has one token, softmax over one key is 1 whatever
+    # q and k are, so to_q and to_k get no gradient (AdamW's weight decay alone moves them, ~1e-6). Every other layer
+    # moves by the run's learning rate.
+    no_gradient = {f"lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_{p}" for p in "qk"}
+    assert {n for n, d in moved.items() if d <= 2e-4} == no_gradient, sorted(moved.items(), key=lambda kv: kv[1])[:4]
+    assert min(d for n, d in moved.items() if n not in no_gradient) > 2e-4

@@ -50,7 +50,7 @@ def trained_sdxl(comfy, tmp_path_factory):
          "--train_data_dir", os.path.join(work, "data"), "--resolution", "64", "--output_dir", comfy.dirs["para"],
          "--output_name", "kohya_sdxl_para", "--save_model_as", "safetensors", "--network_module", "para_core.kohya",
          "--network_dim", "4", "--network_args", "init=random", "projection=output", "--max_train_steps", "2",
-         "--learning_rate", "1e-3", "--optimizer_type", "AdamW", "--mixed_precision", "no",
+         "--learning_rate", "1e-3", "--optimizer_type", "AdamW", "--mixed_precision", "bf16", "--full_bf16",
          "--tokenizer_cache_dir", os.path.join(work, "tok"), "--seed", "1", "--train_batch_size", "1",
          "--caption_extension", ".txt", "--max_data_loader_n_workers", "0", "--cache_latents", cwd=work)
     para = comfy.path("para", "kohya_sdxl_para.safetensors")
@@ -91,7 +91,7 @@ def _compare_streamed(patcher, key_of: dict[str, str], merged: dict[str, torch.T
 
 
 def test_sdxl_load_para_patches_what_sd_scripts_merged(comfy, trained_sdxl):
-    import comfy.lora
+    from comfy.lora import model_lora_keys_clip, model_lora_keys_unet  # `comfy` is the harness fixture
     import comfy.model_management as mm
     from safetensors.torch import load_file
 
@@ -111,7 +111,7 @@ def test_sdxl_load_para_patches_what_sd_scripts_merged(comfy, trained_sdxl):
     assert "model: 493 layers patched, clip: 264 layers patched" in ui[lp.id]["text"][0], ui[lp.id]["text"]
     model, clip = comfy.output(lp.id, 0), comfy.output(lp.id, 1).patcher
     mm.unload_all_models()
-    key_of = {**comfy.lora.model_lora_keys_unet(model.model, {}), **comfy.lora.model_lora_keys_clip(clip.model, {})}
+    key_of = {**model_lora_keys_unet(model.model, {}), **model_lora_keys_clip(clip.model, {})}
     totals = {"model": [0, 0, 0.0], "clip": [0, 0, 0.0]}
     try:
         for shard in trained_sdxl["merged"]:
