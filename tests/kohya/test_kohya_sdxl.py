@@ -46,13 +46,15 @@ def trained_sdxl(comfy, tmp_path_factory):
         os.symlink(sdxl_checkpoint(), ckpt)
     _run(TOOLS, "tokenizer", os.path.join(work, "tok"))
     _run(TOOLS, "images", os.path.join(work, "data"), "2")
-    _run(os.path.join(KOHYA, "sdxl_train_network.py"), "--pretrained_model_name_or_path", ckpt,
+    r = _run(os.path.join(KOHYA, "sdxl_train_network.py"), "--pretrained_model_name_or_path", ckpt,
          "--train_data_dir", os.path.join(work, "data"), "--resolution", "64", "--output_dir", comfy.dirs["para"],
          "--output_name", "kohya_sdxl_para", "--save_model_as", "safetensors", "--network_module", "para_core.kohya",
          "--network_dim", "4", "--network_args", "init=random", "projection=output", "--max_train_steps", "2",
          "--learning_rate", "1e-3", "--optimizer_type", "AdamW", "--mixed_precision", "bf16", "--full_bf16",
          "--tokenizer_cache_dir", os.path.join(work, "tok"), "--seed", "1", "--train_batch_size", "1",
          "--caption_extension", ".txt", "--max_data_loader_n_workers", "0", "--cache_latents", cwd=work)
+    progress = [p for p in (r.stdout + r.stderr).replace("\r", "\n").splitlines() if p.startswith("steps: 100%")]
+    print("\nsdxl_train_network.py:", progress[-1] if progress else "(no progress line)")
     para = comfy.path("para", "kohya_sdxl_para.safetensors")
     merged = os.path.join(work, "merged")
     _run(TOOLS, "merge_sdxl", ckpt, para, merged)
