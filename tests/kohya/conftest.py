@@ -32,9 +32,10 @@ def comfy(tmp_path_factory):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """Under COMFYUI_PARA_REQUIRE_KOHYA=1 a skipped test here counts as failed."""
+    """Under COMFYUI_PARA_REQUIRE_KOHYA=1 a skipped test here counts as failed, but for an opt-in one left out."""
     outcome = yield
     rep = outcome.get_result()
-    if REQUIRE and rep.skipped and str(item.fspath).startswith(HERE):
+    opt_in = "opt-in:" in str(rep.longrepr)  # a test CI leaves out on purpose (test_kohya_sdxl.py)
+    if REQUIRE and rep.skipped and str(item.fspath).startswith(HERE) and not opt_in:
         rep.outcome = "failed"
         rep.longrepr = f"COMFYUI_PARA_REQUIRE_KOHYA=1: this test did not run: {rep.longrepr}"

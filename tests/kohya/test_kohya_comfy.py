@@ -24,17 +24,22 @@ import pytest
 import torch
 
 
-from kohya_env import HERE, KOHYA, REPO, needs_kohya
+from kohya_env import KOHYA, REPO, TOOLS, needs_kohya
+from kohya_env import run_python as _run
 
-TOOLS = os.path.join(HERE, "sd_tools.py")
 pytestmark = needs_kohya()
 
 
-def _run(*args, cwd=None):
-    env = {**os.environ, "KOHYA_PATH": KOHYA, "PYTHONPATH": REPO}
-    r = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True)
-    assert r.returncode == 0, f"{args[:2]} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
-    return r
+def _train(ckpt: str, work: str, out_dir: str, name: str, *extra: str, steps: int = 2, lr: str = "1e-3"):
+    """sd-scripts' train_network.py on the generated SD1.5: batch 2 of the 4 images, text encoder trained, seed 1."""
+    return _run(os.path.join(KOHYA, "train_network.py"), "--pretrained_model_name_or_path", ckpt,
+                "--train_data_dir", os.path.join(work, "data"), "--resolution", "64", "--output_dir", out_dir,
+                "--output_name", name, "--save_model_as", "safetensors", "--network_module", "para_core.kohya",
+                "--network_dim", "4", "--network_args", "init=random", "projection=output",
+                "--max_train_steps", str(steps), "--learning_rate", lr, "--optimizer_type", "AdamW",
+                "--mixed_precision", "no", "--tokenizer_cache_dir", os.path.join(work, "tok"), "--seed", "1",
+                "--train_batch_size", "2", "--caption_extension", ".txt", "--max_data_loader_n_workers", "0",
+                "--cache_latents", *extra, cwd=work)
 
 
 @pytest.fixture(scope="module")
@@ -45,18 +50,12 @@ def trained(comfy, tmp_path_factory):
     _run(TOOLS, "tokenizer", os.path.join(work, "tok"))
     _run(TOOLS, "images", os.path.join(work, "data"), "4")
     _run(TOOLS, "sd15", ckpt)
-    _run(os.path.join(KOHYA, "train_network.py"), "--pretrained_model_name_or_path", ckpt,
-         "--train_data_dir", os.path.join(work, "data"), "--resolution", "64", "--output_dir", comfy.dirs["para"],
-         "--output_name", "kohya_para", "--save_model_as", "safetensors", "--network_module", "para_core.kohya",
-         "--network_dim", "4", "--network_args", "init=random", "projection=output", "--max_train_steps", "2",
-         "--learning_rate", "1e-3", "--optimizer_type", "AdamW", "--mixed_precision", "no",
-         "--tokenizer_cache_dir", os.path.join(work, "tok"), "--seed", "1", "--train_batch_size", "2",
-         "--caption_extension", ".txt", "--max_data_loader_n_workers", "0", "--cache_latents", cwd=work)
+    _train(ckpt, work, comfy.dirs["para"], "kohya_para")
     para = comfy.path("para", "kohya_para.safetensors")
     merged = os.path.join(work, "merged.safetensors")
     _run(TOOLS, "merge", ckpt, para, merged)
     import safetensors.torch
-    return {"ckpt": os.path.basename(ckpt), "ckpt_path": ckpt, "para": para,
+    return {"ckpt": os.path.basename(ckpt), "ckpt_path": ckpt, "para": para, "work": work,
             "merged": safetensors.torch.load_file(merged)}
 
 
@@ -122,3 +121,42 @@ def test_inspect_and_merge_accept_the_file(comfy, trained):
     g.node("PreviewAny", source=mg.out(0))
     ui = comfy.run(g.finalize())
     assert "union merge: 266 layers" in ui[mg.id]["text"][0], ui[mg.id]["text"]
+
+
+def test_network_weights_resumes_from_the_saved_bases(comfy, trained):
+    """``--network_weights <saved file>`` in the real train_network.py continues from the file.
+
+    N steps + resume M steps is not bit-identical to N+M continuous steps in sd-scripts, and cannot be: a resumed
+    run restarts its data order and noise from --seed (it sees the batches and noise of steps 1..M again, not
+    N+1..N+M), AdamW's moments start at zero, and the file stores Q in fp16 while the continuous run keeps B in fp32.
+    What resuming must guarantee is checked instead:
+
+    * it starts exactly at the saved bases: resumed with learning rate 0 for one step, the saved Q equals the
+      file's to one fp16 ulp of its largest entry (B = the file's Q, re-orthonormalised in fp32, stored in fp16 again), for all 266 layers,
+      and sd-scripts reports that every layer continued from the file;
+    * training then continues from there: resumed with the run's learning rate, every layer that gets a gradient
+      moves away from the file (a run that ignored the file would reproduce the file itself: same seed, init, data).
+    """
+    from harness import ulp
+
+    from para_core import ParaModel
+    work, saved = trained["work"], ParaModel.load(trained["para"])
+    out = os.path.join(work, "resume")
+    r = _train(trained["ckpt_path"], work, out, "lr0", "--network_weights", trained["para"], steps=1, lr="0")
+    assert "PaRa: 266 of 266 layers continue from kohya_para.safetensors" in r.stdout + r.stderr
+    lr0 = ParaModel.load(os.path.join(out, "lr0.safetensors"))
+    assert set(lr0.stages) == set(saved.stages) and len(saved.stages) == 266
+    for n, (q,) in saved.stages.items():
+        err = (lr0.stages[n][0].double() - q.double()).abs()
+        tol = ulp(q.double().abs().max(), torch.float16)  # the file's fp16 rounding at the scale of the basis
+        assert bool((err <= tol).all()), f"{n}: resumed at lr 0 moved by {float(err.max()):.3e} (> {float(tol):.1e})"
+
+    _train(trained["ckpt_path"], work, out, "more", "--network_weights", trained["para"], steps=2)
+    more = ParaModel.load(os.path.join(out, "more.safetensors"))
+    moved = {n: float((more.stages[n][0].double() - q.double()).abs().max()) for n, (q,) in saved.stages.items()}
+    # At 64 px the mid block sees a 1x1 latent: its self-attention has one token, softmax over one key is 1 whatever
+    # q and k are, so to_q and to_k get no gradient (AdamW's weight decay alone moves them, ~1e-6). Every other layer
+    # moves by the run's learning rate.
+    no_gradient = {f"lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_{p}" for p in "qk"}
+    assert {n for n, d in moved.items() if d <= 2e-4} == no_gradient, sorted(moved.items(), key=lambda kv: kv[1])[:4]
+    assert min(d for n, d in moved.items() if n not in no_gradient) > 2e-4

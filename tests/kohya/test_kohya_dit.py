@@ -1,0 +1,116 @@
+"""sd-scripts' Flux and SD3 trainers -> ComfyUI: the check of test_kohya_comfy.py on the two DiT families.
+
+sd-scripts reads a DiT's depth from its checkpoint (`flux_utils.analyze_checkpoint_state`; SD3 also its width,
+64·depth: `sd3_utils.analyze_state_dict_state`), so the models here are small and real: a Flux.1-dev at full width
+(3072) with 1 double and 1 single block, an SD3.5-large-layout MMDiT of depth 2 (`sd_tools.py flux` / `sd3`, random,
+bf16). Both trainers load a full T5-XXL whatever the data (a fixed config in `flux_utils.load_t5xxl`, 4.7B
+parameters); it is generated as a sparse file of zeros, which sd-scripts mmaps (no disk, reclaimable page cache)
+and runs once per caption under --cache_text_encoder_outputs. SD3's CLIP-G likewise (zeros); the CLIP-Ls are random.
+
+sd-scripts' real ``flux_train_network.py`` / ``sd3_train_network.py --network_module para_core.kohya`` trains 2 steps
+(bf16 weights as sd-scripts loads them under --mixed_precision bf16, the only way its T5 is not copied to fp32; 64 px,
+batch 1, --network_train_unet_only: Flux's and SD3's text encoders are cached, as their guides advise), the
+network's `merge_to` merges the file (`sd_tools.py merge_dit`, fp32 on the bf16 W0), and ComfyUI loads the same
+diffusion model (UNETLoader) and the file (Load PaRa): every patched weight must agree with the merged one to fp32
+rounding, every one moved away from W0, the set of patched layers the file's (ExCA: Flux 8, SD3 10 layers).
+
+The tests run in sd-scripts' Python or, with KOHYA_PYTHON naming that Python, in ComfyUI's (the trainers and the
+merge are subprocesses): e.g. ComfyUI 0.33.0's own venv.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from kohya_env import KOHYA, TOOLS, needs_kohya
+from kohya_env import run_python as _run
+
+pytestmark = needs_kohya()
+
+FAMILIES = {
+    "flux": dict(trainer="flux_train_network.py", ckpt="flux.safetensors",
+                 files=("--clip_l", "clip_l.safetensors", "--t5xxl", "t5xxl.safetensors", "--ae", "ae.safetensors"),
+                 args=("--guidance_scale", "1.0", "--timestep_sampling", "sigmoid", "--model_prediction_type", "raw",
+                       "--discrete_flow_shift", "1.0"),
+                 layers=8, comfy_class="Flux"),
+    "sd3": dict(trainer="sd3_train_network.py", ckpt="sd3.safetensors",
+                files=("--clip_l", "clip_l.safetensors", "--clip_g", "clip_g.safetensors", "--t5xxl", "t5xxl.safetensors"),
+                args=("--training_shift", "1.0", "--weighting_scheme", "uniform"), layers=10, comfy_class="SD3"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def trained_dit(request, comfy, tmp_path_factory):
+    family, spec = request.param, FAMILIES[request.param]
+    work = str(tmp_path_factory.mktemp(f"kohya_{family}"))
+    models = os.path.join(work, "models")
+    _run(TOOLS, family, models)
+    ckpt = comfy.path("diffusion_models", f"kohya_{family}.safetensors")
+    if not os.path.exists(ckpt):
+        os.symlink(os.path.join(models, spec["ckpt"]), ckpt)
+    tok = os.path.join(work, "tok")
+    _run(TOOLS, "tokenizer", tok)
+    _run(TOOLS, "t5tok", tok)
+    _run(TOOLS, "images", os.path.join(work, "data"), "2")
+    files = [a if a.startswith("--") else os.path.join(models, a) for a in spec["files"]]
+    name = f"kohya_{family}_para"
+    _run(os.path.join(KOHYA, spec["trainer"]), "--pretrained_model_name_or_path", ckpt, *files,
+         "--train_data_dir", os.path.join(work, "data"), "--resolution", "64", "--output_dir", comfy.dirs["para"],
+         "--output_name", name, "--save_model_as", "safetensors", "--network_module", "para_core.kohya",
+         "--network_dim", "4", "--network_args", "init=random", "projection=output", "--network_train_unet_only",
+         "--cache_text_encoder_outputs", "--cache_latents", "--max_train_steps", "2", "--learning_rate", "1e-3",
+         "--optimizer_type", "AdamW", "--mixed_precision", "bf16", "--tokenizer_cache_dir", tok, "--seed", "1",
+         "--train_batch_size", "1", "--caption_extension", ".txt", "--max_data_loader_n_workers", "0",
+         "--t5xxl_max_token_length", "16", *spec["args"], cwd=work)
+    para = comfy.path("para", f"{name}.safetensors")
+    merged = os.path.join(work, "merged.safetensors")
+    _run(TOOLS, "merge_dit", family, ckpt, para, merged)
+    return family, {"ckpt": os.path.basename(ckpt), "ckpt_path": ckpt, "para": para, "merged": merged}
+
+
+def test_dit_load_para_patches_what_sd_scripts_merged(comfy, trained_dit):
+    from comfy.lora import model_lora_keys_unet  # (not `import comfy.lora`: `comfy` is the harness fixture)
+    from harness import ulp
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from para_core import ParaModel
+    family, t = trained_dit
+    spec = FAMILIES[family]
+    para = ParaModel.load(t["para"])
+    assert all(n.startswith("lora_unet_") for n in para.stages), "diffusion model only (--network_train_unet_only)"
+    assert len(para.stages) == spec["layers"], len(para.stages)
+    assert para.metadata["ss_network_module"] == "para_core.kohya"
+    merged = load_file(t["merged"])
+    assert set(merged) == set(para.stages)
+
+    g = comfy.graph()
+    un = g.node("UNETLoader", unet_name=t["ckpt"], weight_dtype="default")
+    lp = g.node("PaRaLoader", model=un.out(0), para_name=os.path.basename(t["para"]), strength_model=1.0,
+                strength_clip=1.0)
+    g.node("PreviewAny", source=lp.out(0))
+    ui = comfy.run(g.finalize())
+    assert f"model: {len(para.stages)} layers patched" in ui[lp.id]["text"][0], ui[lp.id]["text"]
+    patcher = comfy.output(lp.id, 0)
+    assert type(patcher.model.model_config).__name__.startswith(spec["comfy_class"]), type(patcher.model.model_config)
+    key_of = model_lora_keys_unet(patcher.model, {})
+    keys = {n: key_of[n] for n in merged}
+    got = comfy.patched_state_dict(patcher, sorted(set(keys.values())))
+    prefix = "model.diffusion_model." if family == "sd3" else ""
+    with safe_open(t["ckpt_path"], "pt") as f:  # W0 as stored (bf16)
+        w0 = {n: f.get_tensor(prefix + k[len("diffusion_model."):]) for n, k in keys.items()}
+    moved = 0
+    for n, key in keys.items():
+        want, have = merged[n].to(torch.float64), got[key].to(torch.float64)
+        assert have.shape == want.shape, (n, key, have.shape, want.shape)
+        # ComfyUI computes in fp32 on the same bf16-stored W0 and Q; where it keeps the weight in bf16 (a host
+        # that stores the model in its file's dtype) the patched weight is the fp32 result rounded to bf16
+        tol = 4 * ulp(want.abs().max(), torch.float32)
+        if got[key].dtype != torch.float32:
+            tol = tol + ulp(want, got[key].dtype)
+        err = (have - want).abs()
+        assert bool((err <= tol).all()), f"{n} ({key}): max |ComfyUI - sd-scripts merge| = {float(err.max()):.3e}"
+        moved += bool((want - w0[n].to(torch.float64)).abs().max() > 1e-3 * want.abs().max())
+    assert moved == len(keys), f"only {moved} of {len(keys)} merged weights differ from W0"
+    print(f"\n{family}: {len(keys)} patched weights equal sd-scripts' merge ({got[key].dtype} in ComfyUI)")
