@@ -75,7 +75,8 @@ def _node_inputs(comfy, class_type: str, wanted: dict) -> dict:
 
 
 def train_para(harness, g, model, latents, positive, steps: int, seed: int, rank: int = 2, targets: str = "ExCA",
-               learning_rate: float = 2e-3, batch_size: int = 4, rank_boundary: float = 0.0, exclude: str = KEEP_OUTPUT_CONV):
+               learning_rate: float = 2e-3, batch_size: int = 4, rank_boundary: float = 0.0, exclude: str = KEEP_OUTPUT_CONV,
+               loss_space: str = "prediction"):
     """A PaRaTrainer node; returns the node (out 0 MODEL with the PaRa applied, out 1 PARA).
 
     rank_boundary 0: the rank asked for on every layer (γ = 1/40 would cap these 32/64-channel layers at 1).
@@ -84,7 +85,7 @@ def train_para(harness, g, model, latents, positive, steps: int, seed: int, rank
     return g.node("PaRaTrainer", model=model, latents=latents, positive=positive, batch_size=batch_size,
                   grad_accumulation_steps=1, steps=steps, learning_rate=learning_rate, rank=rank, optimizer="AdamW",
                   loss_function="MSE", seed=seed, training_dtype="fp32", gradient_checkpointing=False, targets=targets,
-                  rank_boundary=rank_boundary, loss_space="prediction", projection="output", exclude=exclude)
+                  rank_boundary=rank_boundary, loss_space=loss_space, projection="output", exclude=exclude)
 
 
 def train_lora(harness, g, model, latents, positive, steps: int, seed: int, rank: int = 2, learning_rate: float = 2e-3,

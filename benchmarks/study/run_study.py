@@ -26,7 +26,12 @@ sys.path += [p for p in (HERE, os.path.abspath(os.path.join(HERE, "..", ".."))) 
 import graphs as G  # noqa: E402
 from benchmarks.study import world as W  # noqa: E402
 
-RANK, LR, STEPS = 4, 1e-2, 200   # both trainers; lr 1e-2: at 2e-3 neither learns the subject in 200 steps here
+RANK, STEPS = 4, 200
+LR = 1e-2                        # the CI quality test's PaRa learning rate (the study tunes one per method: `tune`)
+LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
+TUNE_SEED = 9                    # tuning runs on its own seed, never one the study reports
+METHODS = {  # method -> what `train` builds: Train PaRa with its default loss, with Train LoRA's, core Train LoRA
+    "PaRa": ("para", "prediction"), "PaRa, x0 loss": ("para", "x0"), "LoRA": ("lora", None)}
 PRESERVE = [("square", "red", "left"), ("plus", "blue", "middle"), ("cross", "green", "right"),
             ("square", "yellow", "right"), ("plus", "green", "left"), ("cross", "yellow", "middle")]
 
@@ -100,9 +105,65 @@ def subject_gain(harness, judge, cfg: W.WorldConfig, seed: int, steps: int = STE
 
 
 # ---- one seed ------------------------------------------------------------------------------------------------------
+def score_samples(judge, cfg: W.WorldConfig, per_prompt: dict[str, torch.Tensor]) -> dict[str, float]:
+    """subject / recolour / place / preservation / position / subject B of one model's samples (the prompts it has)."""
+    sp, pp, b = subject_prompts(cfg), preserve_prompts(cfg), cfg.subjects[1]
+    m: dict = {}
+    for text, x in per_prompt.items():
+        if text in sp:
+            m[("subject", "recolour", "place")[list(sp).index(text)]] = score(judge, x, sp[text])
+        elif text in pp:
+            m.setdefault("_preserve", []).append(score(judge, x, {k: pp[text][k] for k in ("shape", "colour")}))
+            m.setdefault("_position", []).append(score(judge, x, {"position": pp[text]["position"]}))
+        elif text == W.prompt(b.token):
+            m["subject B"] = subject_fidelity(judge, x, b)
+    if "_preserve" in m:
+        m["preservation"] = sum(m.pop("_preserve")) / len(pp)
+        m["position"] = sum(m.pop("_position")) / len(pp)
+    return m
+
+
+def train(harness, g, method: str, model, latents, caption, steps: int, seed: int, lr: float, rank: int = RANK,
+          targets: str = "ExCA", batch: int = 4):
+    """(MODEL link, trainer node id, output index of its PaRa / LoRA, kind, the PaRa node / LoRA link) for one of
+    METHODS."""
+    kind, loss_space = METHODS[method]
+    if kind == "para":
+        node = G.train_para(harness, g, model, latents, caption, steps, seed, rank=rank, targets=targets,
+                            learning_rate=lr, batch_size=batch, loss_space=loss_space)
+        return node.out(0), node.id, 1, kind, node
+    out, lora_out = G.train_lora(harness, g, model, latents, caption, steps, seed, rank=rank, learning_rate=lr,
+                                 batch_size=batch)
+    return out, lora_out[0], lora_out[1], kind, lora_out
+
+
+def tune(harness, judge, cfg: W.WorldConfig, steps: int, n: int, grid=LR_GRID, seed: int = TUNE_SEED) -> dict:
+    """Each method's learning rate: the one of `grid` where it draws its subject best on the tuning seed (its own
+    subject images, noise and samples), ties to the better preservation. (Subject + preservation would pick an lr
+    that learns nothing: nothing learnt, nothing forgotten.) Returns {"lr": {method: lr}, "grid": {method: {lr: metrics}}}."""
+    a = cfg.subjects[0]
+    G.OBJECTS[f"tune_{seed}"] = G.to_latent(W.subject_images(cfg, a, 4, seed=100 + seed))
+    g = harness.graph()
+    base = g.node("ParaStudyModel", key="base").out(0)
+    clip = g.node("ParaStudyCLIP", key="clip").out(0)
+    caption = g.node("CLIPTextEncode", clip=clip, text=W.prompt(a.token)).out(0)
+    latents = g.node("ParaStudyLatents", key=f"tune_{seed}").out(0)
+    prompts = list(subject_prompts(cfg)) + list(preserve_prompts(cfg))
+    samplers = {(m, lr): G.add_samplers(g, train(harness, g, m, base, latents, caption, steps, seed, lr)[0], clip,
+                                        prompts, n, seed, cfg.size) for m in METHODS for lr in grid}
+    G.run(harness, g)
+    table = {m: {} for m in METHODS}
+    for (m, lr), ids in samplers.items():
+        table[m][lr] = score_samples(judge, cfg, G.read_samples(harness, ids))
+    best = {m: max(grid, key=lambda lr, m=m: (table[m][lr]["subject"], table[m][lr]["preservation"], -lr))
+            for m in METHODS}
+    return {"lr": best, "grid": table}
+
+
 def run_seed(harness, judge, cfg: W.WorldConfig, seed: int, steps: int, n: int, experiments: set[str],
-             ranks=(1, 2, 4, 8), rank: int = RANK, lr: float = LR) -> tuple[dict, dict]:
-    """All experiments of one seed in one ComfyUI prompt. Returns (metrics, samples for the picture grid)."""
+             lr: dict[str, float], ranks=(1, 2, 4, 8), rank: int = RANK) -> tuple[dict, dict]:
+    """All experiments of one seed in one ComfyUI prompt, each method at its learning rate `lr[method]`.
+    Returns (metrics, samples for the picture grid)."""
     a, b = cfg.subjects[0], cfg.subjects[1]
     G.OBJECTS[f"{a.token}_{seed}"] = G.to_latent(W.subject_images(cfg, a, 4, seed=100 + seed))
     G.OBJECTS[f"{b.token}_{seed}"] = G.to_latent(W.subject_images(cfg, b, 4, seed=200 + seed))
@@ -124,23 +185,26 @@ def run_seed(harness, judge, cfg: W.WorldConfig, seed: int, steps: int, n: int, 
     samplers: dict[str, dict[str, str]] = {}   # model name -> {prompt: KSampler id}
     sizes: dict[str, tuple] = {}                # model name -> (trainer node id, kind)
 
+    def trained(name, method, latents, caption, r=rank, targets="ExCA", batch=4):
+        model, nid, idx, kind, handle = train(harness, g, method, base, latents, caption, steps, seed, lr[method],
+                                              rank=r, targets=targets, batch=batch)
+        sizes[name] = (nid, idx, kind)
+        return model, handle
+
     def para(name, latents, caption, r=rank, targets="ExCA", batch=4):
-        node = G.train_para(harness, g, base, latents, caption, steps, seed, rank=r, targets=targets, learning_rate=lr,
-                            batch_size=batch)
-        sizes[name] = (node.id, 1, "para")
-        return node
+        return trained(name, "PaRa", latents, caption, r, targets, batch)[1]
 
     def lora(name, latents, caption, r=rank, batch=4):
-        model, lora_out = G.train_lora(harness, g, base, latents, caption, steps, seed, rank=r, learning_rate=lr,
-                                       batch_size=batch)
-        sizes[name] = (lora_out[0], lora_out[1], "lora")
-        return model, lora_out
+        return trained(name, "LoRA", latents, caption, r, batch=batch)
 
     samplers["base"] = G.add_samplers(g, base, clip, main_prompts + [W.prompt(b.token)], n, seed, cfg.size)
     pa = para(f"PaRa r{rank}", lat_a, cap_a)
     samplers[f"PaRa r{rank}"] = G.add_samplers(g, pa.out(0), clip, main_prompts, n, seed, cfg.size)
     la_model, la = lora(f"LoRA r{rank}", lat_a, cap_a)
     samplers[f"LoRA r{rank}"] = G.add_samplers(g, la_model, clip, main_prompts, n, seed, cfg.size)
+    if "loss" in experiments:
+        samplers[f"PaRa r{rank}, x0 loss"] = G.add_samplers(
+            g, trained(f"PaRa r{rank}, x0 loss", "PaRa, x0 loss", lat_a, cap_a)[0], clip, main_prompts, n, seed, cfg.size)
     if "ranks" in experiments:
         for r in ranks:
             if r == rank:
@@ -170,20 +234,7 @@ def run_seed(harness, judge, cfg: W.WorldConfig, seed: int, steps: int, n: int, 
     log(f"seed {seed}: graph ran in {time.perf_counter() - t0:.0f} s")
     samples = {name: G.read_samples(harness, ids) for name, ids in samplers.items()}
 
-    metrics: dict[str, dict] = {}
-    for name, per_prompt in samples.items():
-        m = metrics.setdefault(name, {})
-        for text, x in per_prompt.items():
-            if text in sp:
-                m[{0: "subject", 1: "recolour", 2: "place"}[list(sp).index(text)]] = score(judge, x, sp[text])
-            elif text in pp:
-                m.setdefault("_preserve", []).append(score(judge, x, {k: pp[text][k] for k in ("shape", "colour")}))
-                m.setdefault("_position", []).append(score(judge, x, {"position": pp[text]["position"]}))
-            elif text == W.prompt(b.token):
-                m["subject B"] = subject_fidelity(judge, x, b)
-        if "_preserve" in m:
-            m["preservation"] = sum(m.pop("_preserve")) / len(pp)
-            m["position"] = sum(m.pop("_position")) / len(pp)
+    metrics = {name: score_samples(judge, cfg, per_prompt) for name, per_prompt in samples.items()}
     # one-shot: the edit keeps where the original was (same noise), and changes what the prompt changes
     for name in ("one-shot PaRa", "one-shot LoRA"):
         if name in samples:
@@ -236,6 +287,16 @@ def table(agg: dict, seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
+def tuning_table(tuning: dict) -> str:
+    cols = ["subject", "recolour", "place", "preservation", "position"]
+    lines = ["| method | lr | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for method, per_lr in tuning["grid"].items():
+        for lr, m in per_lr.items():
+            mark = " **(chosen)**" if tuning["lr"][method] == lr else ""
+            lines.append(f"| {method} | {lr:g}{mark} | " + " | ".join(f"{m[c]:.2f}" for c in cols) + " |")
+    return "\n".join(lines)
+
+
 def to_rgb(x: torch.Tensor) -> torch.Tensor:
     """Model-space (4, S, S) -> RGB in [0, 1]: the least-squares map that sends each world colour to its name's RGB."""
     names = {"red": (1, 0, 0), "green": (0, 0.8, 0), "blue": (0.1, 0.3, 1), "yellow": (1, 0.9, 0), "orange": (1, 0.5, 0),
@@ -275,30 +336,44 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=STEPS, help="training steps of every PaRa and LoRA")
     ap.add_argument("--samples", type=int, default=12, help="samples per prompt and model")
-    ap.add_argument("--experiments", default="ranks,targets,two,one_shot")
+    ap.add_argument("--experiments", default="loss,ranks,targets,two,one_shot")
+    ap.add_argument("--lr", type=float, nargs=3, metavar=("PARA", "PARA_X0", "LORA"),
+                    help="learning rates of PaRa, PaRa with x0 loss, LoRA (default: tuned per method on seed "
+                         f"{TUNE_SEED} over {list(LR_GRID)})")
+    ap.add_argument("--world", choices=("study", "ci"), default="study", help="ci: the quality test's smaller world")
     ap.add_argument("--out", default=HERE)
     args = ap.parse_args(argv)
-    cfg = W.STUDY
+    cfg = {"study": W.STUDY, "ci": W.CI}[args.world]
     t0 = time.perf_counter()
     harness, judge, facts = setup(cfg)
     log(f"world ready: {facts}")
+    if args.lr:
+        tuning = {"lr": dict(zip(METHODS, args.lr)), "grid": {}}
+    else:
+        tuning = tune(harness, judge, cfg, args.steps, args.samples)
+    log(f"learning rates: {tuning['lr']}")
     per_seed, first = [], None
     for seed in args.seeds:
-        metrics, samples = run_seed(harness, judge, cfg, seed, args.steps, args.samples, set(args.experiments.split(",")))
+        metrics, samples = run_seed(harness, judge, cfg, seed, args.steps, args.samples, set(args.experiments.split(",")),
+                                    tuning["lr"])
         per_seed.append(metrics)
         first = first or samples
         log(f"seed {seed}: " + json.dumps({k: {m: round(v, 3) for m, v in d.items()} for k, d in metrics.items()}))
     agg = aggregate(per_seed)
     conditions = (f"world {cfg.name}: {cfg.size}×{cfg.size}×4 latents, UNet {facts.get('params')} params, "
-                  f"pretrained {cfg.pretrain_steps} steps; training: {args.steps} steps, batch 4, AdamW lr {LR}, rank {RANK} "
+                  f"{cfg.prediction}-prediction, pretrained {cfg.pretrain_steps} steps; training: {args.steps} steps, batch 4, "
+                  f"AdamW, learning rates {tuning['lr']}, rank {RANK} "
                   f"unless named, fp32, PaRa ExCA without the output conv, rank_boundary 0, "
                   f"same subject latents and caption for PaRa and LoRA; sampling: KSampler {G.SAMPLER}, {args.samples} "
                   f"samples per prompt; seeds {args.seeds}; judge accuracy {facts['judge_accuracy']}; "
                   f"wall time {time.perf_counter() - t0:.0f} s")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"conditions": conditions, "facts": facts, "per_seed": per_seed, "seeds": args.seeds}, f, indent=1)
+        json.dump({"conditions": conditions, "facts": facts, "tuning": tuning, "per_seed": per_seed, "seeds": args.seeds},
+                  f, indent=1)
     md = f"{conditions}\n\nmean ± sd (min–max) over seeds\n\n{table(agg, args.seeds)}\n"
+    if tuning["grid"]:
+        md += f"\nlearning-rate tuning (seed {TUNE_SEED}; chosen: best subject, ties to better preservation)\n\n{tuning_table(tuning)}\n"
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(md)
     a = cfg.subjects[0]

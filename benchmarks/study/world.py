@@ -73,7 +73,10 @@ class WorldConfig:
     colours: tuple = ("red", "green", "blue", "yellow")
     subjects: tuple = (Subject("sks", "ell", "orange"), Subject("ohwx", "tee", "cyan"))
     channels: int = 32                                # UNet model_channels
-    pretrain_steps: int = 2000
+    transformer_depth: tuple = (1, 0)                 # cross-attention blocks per input level (8×8, 4×4); middle: 1
+    heads: int = 4                                    # attention heads
+    prediction: str = "v"                             # the UNet's target: "v" (SD2.x-style) or "eps" (SD1.5's)
+    pretrain_steps: int = 4000
     pretrain_batch: int = 32
     pretrain_lr: float = 2e-3
     judge_steps: int = 600
@@ -219,9 +222,9 @@ def encode(clip, texts: list[str]) -> dict[str, torch.Tensor]:
 def unet_config(cfg: WorldConfig) -> dict:
     return dict(use_checkpoint=False, image_size=cfg.size, use_spatial_transformer=True, legacy=False,
                 num_res_blocks=[1, 1], channel_mult=[1, 2], use_temporal_resblock=False,
-                use_temporal_attention=False, num_head_channels=-1, num_heads=2, in_channels=4, out_channels=4,
-                model_channels=cfg.channels, context_dim=768, transformer_depth=[0, 0], transformer_depth_middle=1,
-                transformer_depth_output=[0, 0, 0, 0], use_linear_in_transformer=False, adm_in_channels=None)
+                use_temporal_attention=False, num_head_channels=-1, num_heads=cfg.heads, in_channels=4, out_channels=4,
+                model_channels=cfg.channels, context_dim=768, transformer_depth=list(cfg.transformer_depth),
+                transformer_depth_middle=1, transformer_depth_output=[d for d in cfg.transformer_depth for _ in range(2)], use_linear_in_transformer=False, adm_in_channels=None)
 
 
 def build_model(cfg: WorldConfig, state_dict: dict | None = None):
@@ -231,7 +234,9 @@ def build_model(cfg: WorldConfig, state_dict: dict | None = None):
     mc = comfy.supported_models.SD15(unet_config(cfg))
     mc.unet_config.update(unet_config(cfg))  # the class's extra config (8 heads) would win otherwise
     mc.set_inference_dtype(torch.float32, None)
-    model = mc.get_model({}, "", device="cpu")
+    import comfy.model_base
+    model_type = {"v": comfy.model_base.ModelType.V_PREDICTION, "eps": comfy.model_base.ModelType.EPS}[cfg.prediction]
+    model = comfy.model_base.BaseModel(mc, model_type=model_type, device="cpu")  # what mc.get_model builds, typed
     if state_dict is None:
         _seeded_init(model.diffusion_model, cfg.seed + 2)
     else:
@@ -272,9 +277,13 @@ def _save_atomic(path: str, tensors: dict[str, torch.Tensor], metadata: dict | N
 def pretrain(cfg: WorldConfig, clip=None, progress=None) -> tuple[object, dict]:
     """The base model (ModelPatcher), pretrained on the world's concepts, and facts about the run; cached.
 
-    ε-prediction on SD1.5's discrete schedule: x_t = x0 + σ_t ε, loss ‖ε̂ − ε‖² with ε̂ = (x_t − D(x_t, σ_t))/σ_t,
-    D being ComfyUI's own `apply_model` (its input scaling and timestep mapping), so sampling sees what trained."""
+    On SD's discrete schedule, x_t = x0 + σ_t ε, the loss is the error of the model's own target (v or ε):
+    ‖(D(x_t, σ_t) − x0)/c(σ_t)‖² with D ComfyUI's own `apply_model` (its input scaling and timestep mapping, so
+    sampling sees what trained) and c = ∂D/∂(model output) (`para_core.train.prediction_scale`, the residual Train
+    PaRa's loss_space "prediction" takes)."""
     import safetensors.torch
+
+    from para_core.train import prediction_residual, prediction_scale
     path = _cache_path(cfg, "unet")
     if os.path.isfile(path):
         with safetensors.torch.safe_open(path, "pt") as f:
@@ -306,8 +315,8 @@ def pretrain(cfg: WorldConfig, clip=None, progress=None) -> tuple[object, dict]:
             eps = torch.randn(x0.shape, generator=gen)
             xt = x0 + sigma[:, None, None, None] * eps
             denoised = model.apply_model(xt, sigma, c_crossattn=ctx, transformer_options=t_opts)
-            eps_hat = (xt - denoised) / sigma[:, None, None, None]
-            loss = torch.nn.functional.mse_loss(eps_hat, eps)
+            scale = prediction_scale(ms.calculate_denoised, sigma, x0.ndim)
+            loss = prediction_residual(denoised, x0, scale).square().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)

@@ -1,28 +1,28 @@
 """Quality regression: a trained PaRa draws its subject (the smallest world of benchmarks/study, issue 16).
 
 Every other test checks formulas against references; this one fails when learning breaks although every formula
-still matches. The world (benchmarks/study/world.py, config CI): ComfyUI's SD1.5 model class with a small UNet
-(818k parameters, 8×8×4 latents) pretrained here on shapes × colours × positions, a frozen one-layer ComfyUI CLIP,
-a CNN judge (held-out accuracy asserted > 0.9 per head). Per seed, one ComfyUI graph (run_study.subject_gain):
-Train PaRa (PaRaTrainer, ExCA without the output conv, rank 4, lr 1e-2, 200 steps, batch 4) on 4 latents of a
-subject never seen in pretraining (an orange "ell", caption "a sks"); KSampler (euler, 20 steps, cfg 4) draws 16
-samples of "a sks" with the base model and with the PaRa, same noise; the judge counts samples in the subject's colour, and
-samples that are the subject (shape and colour).
+still matches. The world (benchmarks/study/world.py, config CI): ComfyUI's SD1.5 model class with a small
+v-prediction UNet (1.03M parameters, 8×8×4 latents, cross-attention at both resolutions) pretrained here on shapes ×
+colours × positions (1000 steps), a frozen one-layer ComfyUI CLIP, a CNN judge (held-out accuracy asserted > 0.9 per
+head). Per seed, one ComfyUI graph (run_study.subject_gain): Train PaRa (PaRaTrainer, ExCA without the output conv,
+rank 4, lr 1e-2, 200 steps, batch 4) on 4 latents of a subject never seen in pretraining (an orange "ell", caption
+"a sks"); KSampler (euler, 20 steps, cfg 4) draws 16 samples of "a sks" with the base model and with the PaRa, same
+noise; the judge counts samples in the subject's colour, and samples that are the subject (shape and colour).
 
-Measured (ComfyUI 0.33, torch 2.14.1, 1 thread, 16 samples per seed), base → PaRa:
+Measured (torch 2.14.1, 1 thread, 16 samples per seed; ComfyUI 0.33.0 seeds 0-4, 0.8.0 seeds 0-1 with its own
+pretraining: identical numbers), base → PaRa:
 
     seed                 0      1      2      3      4
-    subject colour    0→.56  0→.38  0→.38  0→.50  0→.50
-    subject (both)    0→0    0→.25  0→.13  0→.19  0→.06
+    subject colour    0→1.0  0→.69  0→.81  0→.94  0→1.0
+    subject (both)    0→.25  0→.38  0→.19  0→.19  0→.50
 
-The base model never draws the subject or its colour (it never saw either). PaRa takes the colour on every seed
-(min .38), the shape and colour together less reliably (0 to .25, mean .125). So the test asserts, on seeds 0 and 1:
-colour gain ≥ COLOUR_MARGIN (.25) on each seed, and mean subject gain ≥ SUBJECT_MARGIN (.06, 2 of 32 samples; .125
-measured). A trainer that stops learning leaves PaRa at the base's 0 and fails both.
+The base model never draws the subject or its colour (it never saw either). So the test asserts, on seeds 0 and 1:
+colour gain ≥ COLOUR_MARGIN (.5; min .69 measured) on each seed, and mean subject gain ≥ SUBJECT_MARGIN (.15, 5 of 32
+samples; .31 measured). A trainer that stops learning leaves PaRa at the base's 0 and fails both.
 
 Deterministic: fixed seeds, torch threads set to 1 for the test (restored after), PaRa `projection=output`. Time on
-this 2-core machine under load from other jobs: 69 s with the world cached (~/.cache/comfyui-para-study, kept
-between runs), 236 s when it pretrains the world first (1000 steps; ComfyUI 0.8.0, fresh cache).
+this 2-core machine: about 40 s with the world cached (~/.cache/comfyui-para-study, kept between runs); 406 s when
+it pretrains the world first, under load from three other jobs (ComfyUI 0.8.0, fresh cache).
 """
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ if STUDY not in sys.path:
     sys.path.append(STUDY)
 
 SEEDS = (0, 1)
-COLOUR_MARGIN = 0.25
-SUBJECT_MARGIN = 0.06
+COLOUR_MARGIN = 0.5
+SUBJECT_MARGIN = 0.15
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,7 @@ def test_para_draws_its_subject(comfy, world):
     R, W, judge, facts = world
     assert min(facts["judge_accuracy"].values()) > 0.9, facts
     results = {seed: R.subject_gain(comfy, judge, W.CI, seed) for seed in SEEDS}
+    print(f"study quality, base -> PaRa per seed: {results}")  # shown by pytest -rP / -s
     colour_gains = [r["para_colour"] - r["base_colour"] for r in results.values()]
     subject_gain = sum(r["para"] - r["base"] for r in results.values()) / len(SEEDS)
     assert min(colour_gains) >= COLOUR_MARGIN and subject_gain >= SUBJECT_MARGIN, (
