@@ -74,7 +74,8 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     handlers = []
     backend = os.environ.get("PARA_KOHYA_DDP_BACKEND")  # gpu_check.sh on 1 GPU: gloo (accelerate's default: nccl)
-    if backend:
+    if backend and "LOCAL_RANK" in os.environ:  # under torchrun only: a backend given makes accelerate 1.6 assume a
+        # process group even in a single process (PartialState asks torch.distributed for the world size)
         from accelerate.utils import InitProcessGroupKwargs
         handlers.append(InitProcessGroupKwargs(backend=backend))
         if a.device != "cpu":
