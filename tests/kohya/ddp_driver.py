@@ -72,7 +72,18 @@ def main() -> None:
         cpu_ddp_shim.install()
     else:  # fp32 means fp32 on GPUs too: no TF32 in convs (cuDNN's default) or matmuls
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    accelerator = Accelerator(cpu=a.device == "cpu")
+    handlers = []
+    backend = os.environ.get("PARA_KOHYA_DDP_BACKEND")  # gpu_check.sh on 1 GPU: gloo (accelerate's default: nccl)
+    if backend and "LOCAL_RANK" in os.environ:  # under torchrun only: a backend given makes accelerate 1.6 assume a
+        # process group even in a single process (PartialState asks torch.distributed for the world size)
+        from accelerate.utils import InitProcessGroupKwargs
+        handlers.append(InitProcessGroupKwargs(backend=backend))
+        if a.device != "cpu":
+            # ranks share the GPUs (accelerate puts rank r on cuda:r % count, NCCL refuses two ranks on one GPU,
+            # gloo does not), but accelerate's DDP wrap pins device_ids=[rank], a GPU rank 1 does not have on a
+            # 1-GPU machine; with this accelerate leaves device_ids unset and DDP takes the module's own device
+            os.environ["ACCELERATE_BYPASS_DEVICE_MAP"] = "true"
+    accelerator = Accelerator(cpu=a.device == "cpu", kwargs_handlers=handlers)
     unet, te = tiny_models()
     network = kohya.create_network(1.0, 4, 1.0, None, te, unet, targets="ExCA", rank_boundary="0",
                                    projection="output", init="small_sv")

@@ -19,8 +19,9 @@
 * ``sd3 DIR``: an SD3.5-large-layout MMDiT of depth 2 (width 64·depth: sd-scripts reads both from the checkpoint,
   `sd3_utils.analyze_state_dict_state`) with SD3's VAE in the checkpoint, random, bf16; CLIP-L random, CLIP-G and
   T5-XXL as sparse files of zeros.
-* ``merge_dit FAMILY CKPT PARA OUT``: load the Flux / SD3 diffusion model as its trainer does, merge the file with
-  the network's `merge_to`, write the merged weights keyed by sd-scripts module name, fp32.
+* ``merge_dit FAMILY CKPT PARA OUT [CLIP_L]``: load the Flux / SD3 diffusion model (and Flux's CLIP-L, when its
+  layers were trained) as its trainer does, merge the file with the network's `merge_to`, write the merged weights
+  keyed by sd-scripts module name, fp32.
 """
 from __future__ import annotations
 
@@ -259,10 +260,14 @@ def sd3(folder: str, seed: int = 0) -> None:
     _t5_zeros(os.path.join(folder, "t5xxl.safetensors"))
 
 
-def merge_dit(family: str, ckpt: str, para_file: str, out: str) -> None:
+def merge_dit(family: str, ckpt: str, para_file: str, out: str, clip_l: str = "") -> None:
     from safetensors.torch import save_file
 
     from para_core import kohya
+    tes = []
+    if clip_l:  # Flux's text encoders as its trainer passes them, [CLIP-L, T5]: CLIP-L is lora_te1 (T5 untrained)
+        from library import flux_utils
+        tes = [flux_utils.load_clip_l(clip_l, torch.float32, "cpu"), None]
     if family == "flux":
         from library import flux_utils
         _, model = flux_utils.load_flow_model(ckpt, torch.float32, "cpu")
@@ -270,9 +275,9 @@ def merge_dit(family: str, ckpt: str, para_file: str, out: str) -> None:
         from library import sd3_utils
         from library.safetensors_utils import load_safetensors
         model = sd3_utils.load_mmdit(load_safetensors(ckpt, "cpu", dtype=torch.float32), torch.float32, "cpu")
-    network, weights_sd = kohya.create_network_from_weights(1.0, para_file, None, [], model, for_inference=True)
-    network.merge_to([], model, weights_sd, torch.float32, "cpu")
-    modules = kohya.module_map([], model)
+    network, weights_sd = kohya.create_network_from_weights(1.0, para_file, None, tes, model, for_inference=True)
+    network.merge_to(tes, model, weights_sd, torch.float32, "cpu")
+    modules = kohya.module_map(tes, model)
     save_file({n: modules[n].weight.detach().float().contiguous() for n in sorted(weights_sd.stages)}, out)
 
 

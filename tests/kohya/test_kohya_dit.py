@@ -14,6 +14,12 @@ network's `merge_to` merges the file (`sd_tools.py merge_dit`, fp32 on the bf16 
 diffusion model (UNETLoader) and the file (Load PaRa): every patched weight must agree with the merged one to fp32
 rounding, every one moved away from W0, the set of patched layers the file's (ExCA: Flux 8, SD3 10 layers).
 
+``flux_te`` is the same Flux run without --network_train_unet_only: flux_train_network.py then trains CLIP-L
+(``lora_te1_``: 12 layers x q/k/v/out/fc1/fc2 = 72) and never T5 (``train_t5xxl`` stays False), so T5's outputs are
+still cached (a partial cache: CLIP-L runs each step). ComfyUI loads that CLIP-L with CLIPLoader and Load PaRa
+patches it (``lora_te1_`` -> ``clip_l.*`` in ComfyUI's key map, for every model holding a CLIP-L), compared with the
+network's merge of the same file into sd-scripts' CLIP-L like the diffusion model's layers.
+
 The tests run in sd-scripts' Python or, with KOHYA_PYTHON naming that Python, in ComfyUI's (the trainers and the
 merge are subprocesses): e.g. ComfyUI 0.33.0's own venv.
 """
@@ -34,6 +40,13 @@ FAMILIES = {
                  args=("--guidance_scale", "1.0", "--timestep_sampling", "sigmoid", "--model_prediction_type", "raw",
                        "--discrete_flow_shift", "1.0"),
                  layers=8, comfy_class="Flux"),
+    # the same Flux with its CLIP-L trained too (flux_train_network.py trains CLIP-L unless
+    # --network_train_unet_only; T5 never by default, so T5's outputs stay cached: a partial cache)
+    "flux_te": dict(trainer="flux_train_network.py", ckpt="flux.safetensors", models="flux",
+                    files=("--clip_l", "clip_l.safetensors", "--t5xxl", "t5xxl.safetensors", "--ae", "ae.safetensors"),
+                    args=("--guidance_scale", "1.0", "--timestep_sampling", "sigmoid", "--model_prediction_type",
+                          "raw", "--discrete_flow_shift", "1.0"),
+                    layers=8, te_layers=72, comfy_class="Flux"),
     "sd3": dict(trainer="sd3_train_network.py", ckpt="sd3.safetensors",
                 files=("--clip_l", "clip_l.safetensors", "--clip_g", "clip_g.safetensors", "--t5xxl", "t5xxl.safetensors"),
                 args=("--training_shift", "1.0", "--weighting_scheme", "uniform"), layers=10, comfy_class="SD3"),
@@ -44,8 +57,9 @@ FAMILIES = {
 def trained_dit(request, comfy, tmp_path_factory):
     family, spec = request.param, FAMILIES[request.param]
     work = str(tmp_path_factory.mktemp(f"kohya_{family}"))
-    models = os.path.join(work, "models")
-    _run(TOOLS, family, models)
+    models = os.path.join(str(tmp_path_factory.getbasetemp()), f"kohya_models_{spec.get('models', family)}")
+    if not os.path.isdir(models):  # generated once, shared by flux and flux_te
+        _run(TOOLS, spec.get("models", family), models)
     ckpt = comfy.path("diffusion_models", f"kohya_{family}.safetensors")
     if not os.path.exists(ckpt):
         os.symlink(os.path.join(models, spec["ckpt"]), ckpt)
@@ -55,23 +69,49 @@ def trained_dit(request, comfy, tmp_path_factory):
     _run(TOOLS, "images", os.path.join(work, "data"), "2")
     files = [a if a.startswith("--") else os.path.join(models, a) for a in spec["files"]]
     name = f"kohya_{family}_para"
-    _run(os.path.join(KOHYA, spec["trainer"]), "--pretrained_model_name_or_path", ckpt, *files,
+    r = _run(os.path.join(KOHYA, spec["trainer"]), "--pretrained_model_name_or_path", ckpt, *files,
          "--train_data_dir", os.path.join(work, "data"), "--resolution", "64", "--output_dir", comfy.dirs["para"],
          "--output_name", name, "--save_model_as", "safetensors", "--network_module", "para_core.kohya",
-         "--network_dim", "4", "--network_args", "init=random", "projection=output", "--network_train_unet_only",
-         "--cache_text_encoder_outputs", "--cache_latents", "--max_train_steps", "2", "--learning_rate", "1e-3",
+         "--network_dim", "4", "--network_args", "init=random", "projection=output",
+         *(() if spec.get("te_layers") else ("--network_train_unet_only",)), "--cache_text_encoder_outputs", "--cache_latents", "--max_train_steps", "2", "--learning_rate", "1e-3",
          "--optimizer_type", "AdamW", "--mixed_precision", "bf16", "--tokenizer_cache_dir", tok, "--seed", "1",
          "--train_batch_size", "1", "--caption_extension", ".txt", "--max_data_loader_n_workers", "0",
          "--t5xxl_max_token_length", "16", *spec["args"], cwd=work)
+    progress = [p for p in (r.stdout + r.stderr).replace("\r", "\n").splitlines() if p.startswith("steps: 100%")]
+    print(f"\n{spec['trainer']} ({family}):", progress[-1] if progress else "(no progress line)")
     para = comfy.path("para", f"{name}.safetensors")
     merged = os.path.join(work, "merged.safetensors")
-    _run(TOOLS, "merge_dit", family, ckpt, para, merged)
-    return family, {"ckpt": os.path.basename(ckpt), "ckpt_path": ckpt, "para": para, "merged": merged}
+    clip_l = os.path.join(models, "clip_l.safetensors") if spec.get("te_layers") else ""
+    _run(TOOLS, "merge_dit", spec.get("models", family), ckpt, para, merged, *([clip_l] if clip_l else []))
+    if clip_l:  # ComfyUI's text_encoders folder gets a folder of the test's own, holding this CLIP-L
+        te_dir = os.path.join(work, "text_encoders")
+        os.makedirs(te_dir)
+        os.symlink(clip_l, os.path.join(te_dir, f"kohya_{family}_clip_l.safetensors"))
+        comfy.folder_paths.add_model_folder_path("text_encoders", te_dir)
+    return family, {"ckpt": os.path.basename(ckpt), "ckpt_path": ckpt, "para": para, "merged": merged,
+                    "clip_l": clip_l}
+
+
+def _compare(got: dict, merged: dict, keys: dict, w0: dict) -> int:
+    """Every patched weight equal to sd-scripts' merge to fp32 rounding; returns how many moved away from W0."""
+    from harness import ulp
+    moved = 0
+    for n, key in keys.items():
+        want, have = merged[n].to(torch.float64), got[key].to(torch.float64)
+        assert have.shape == want.shape, (n, key, have.shape, want.shape)
+        # ComfyUI computes in fp32 on the same bf16-stored W0 and Q; where it keeps the weight in bf16 / fp16 (a
+        # host that stores the model in its file's dtype, CLIP on CPU) the patched weight is the fp32 result rounded
+        tol = 4 * ulp(want.abs().max(), torch.float32)
+        if got[key].dtype != torch.float32:
+            tol = tol + ulp(want, got[key].dtype)
+        err = (have - want).abs()
+        assert bool((err <= tol).all()), f"{n} ({key}): max |ComfyUI - sd-scripts merge| = {float(err.max()):.3e}"
+        moved += bool((want - w0[n].to(torch.float64)).abs().max() > 1e-3 * want.abs().max())
+    return moved
 
 
 def test_dit_load_para_patches_what_sd_scripts_merged(comfy, trained_dit):
-    from comfy.lora import model_lora_keys_unet  # (not `import comfy.lora`: `comfy` is the harness fixture)
-    from harness import ulp
+    from comfy.lora import model_lora_keys_clip, model_lora_keys_unet  # (not `import comfy.lora`: `comfy` is the harness fixture)
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -79,38 +119,46 @@ def test_dit_load_para_patches_what_sd_scripts_merged(comfy, trained_dit):
     family, t = trained_dit
     spec = FAMILIES[family]
     para = ParaModel.load(t["para"])
-    assert all(n.startswith("lora_unet_") for n in para.stages), "diffusion model only (--network_train_unet_only)"
-    assert len(para.stages) == spec["layers"], len(para.stages)
+    unet_names = sorted(n for n in para.stages if n.startswith("lora_unet_"))
+    te_names = sorted(n for n in para.stages if n.startswith("lora_te1_"))  # CLIP-L (T5, lora_te2, is not trained)
+    assert len(unet_names) == spec["layers"], len(unet_names)
+    assert len(te_names) == spec.get("te_layers", 0), len(te_names)
+    assert len(unet_names) + len(te_names) == len(para.stages), sorted(para.stages)
     assert para.metadata["ss_network_module"] == "para_core.kohya"
     merged = load_file(t["merged"])
     assert set(merged) == set(para.stages)
 
     g = comfy.graph()
     un = g.node("UNETLoader", unet_name=t["ckpt"], weight_dtype="default")
+    # ComfyUI's LoRA key map sends lora_te1_ to clip_l.* in every model holding a CLIP-L (SDXL, SD3, Flux); a CLIP-L
+    # loaded alone is that same module without Flux's 9.8 GB T5 beside it
+    cl = g.node("CLIPLoader", clip_name=f"kohya_{family}_clip_l.safetensors", type="stable_diffusion") \
+        if t["clip_l"] else None
+    clip = {"clip": cl.out(0)} if cl else {}
     lp = g.node("PaRaLoader", model=un.out(0), para_name=os.path.basename(t["para"]), strength_model=1.0,
-                strength_clip=1.0)
+                strength_clip=1.0, **clip)
     g.node("PreviewAny", source=lp.out(0))
     ui = comfy.run(g.finalize())
-    assert f"model: {len(para.stages)} layers patched" in ui[lp.id]["text"][0], ui[lp.id]["text"]
+    report = f"model: {len(unet_names)} layers patched" + (f", clip: {len(te_names)} layers patched" if cl else "")
+    assert report in ui[lp.id]["text"][0], ui[lp.id]["text"]
     patcher = comfy.output(lp.id, 0)
     assert type(patcher.model.model_config).__name__.startswith(spec["comfy_class"]), type(patcher.model.model_config)
     key_of = model_lora_keys_unet(patcher.model, {})
-    keys = {n: key_of[n] for n in merged}
+    keys = {n: key_of[n] for n in unet_names}
     got = comfy.patched_state_dict(patcher, sorted(set(keys.values())))
     prefix = "model.diffusion_model." if family == "sd3" else ""
     with safe_open(t["ckpt_path"], "pt") as f:  # W0 as stored (bf16)
         w0 = {n: f.get_tensor(prefix + k[len("diffusion_model."):]) for n, k in keys.items()}
-    moved = 0
-    for n, key in keys.items():
-        want, have = merged[n].to(torch.float64), got[key].to(torch.float64)
-        assert have.shape == want.shape, (n, key, have.shape, want.shape)
-        # ComfyUI computes in fp32 on the same bf16-stored W0 and Q; where it keeps the weight in bf16 (a host
-        # that stores the model in its file's dtype) the patched weight is the fp32 result rounded to bf16
-        tol = 4 * ulp(want.abs().max(), torch.float32)
-        if got[key].dtype != torch.float32:
-            tol = tol + ulp(want, got[key].dtype)
-        err = (have - want).abs()
-        assert bool((err <= tol).all()), f"{n} ({key}): max |ComfyUI - sd-scripts merge| = {float(err.max()):.3e}"
-        moved += bool((want - w0[n].to(torch.float64)).abs().max() > 1e-3 * want.abs().max())
+    moved = _compare(got, merged, keys, w0)
     assert moved == len(keys), f"only {moved} of {len(keys)} merged weights differ from W0"
-    print(f"\n{family}: {len(keys)} patched weights equal sd-scripts' merge ({got[key].dtype} in ComfyUI)")
+    print(f"\n{family}: {len(keys)} patched weights equal sd-scripts' merge ({got[keys[unet_names[-1]]].dtype} in ComfyUI)")
+    if cl:
+        clip_out = comfy.output(lp.id, 1)
+        te_key_of = model_lora_keys_clip(clip_out.patcher.model, {})
+        te_keys = {n: te_key_of[n] for n in te_names}
+        te_got = comfy.patched_state_dict(clip_out, sorted(set(te_keys.values())))
+        with safe_open(t["clip_l"], "pt") as f:  # W0 as stored (bf16), HF names under ComfyUI's clip_l.transformer.
+            te_w0 = {n: f.get_tensor(k[len("clip_l.transformer."):]) for n, k in te_keys.items()}
+        te_moved = _compare(te_got, merged, te_keys, te_w0)
+        assert te_moved == len(te_keys), f"only {te_moved} of {len(te_keys)} merged CLIP-L weights differ from W0"
+        print(f"{family}: {len(te_keys)} CLIP-L weights equal sd-scripts' merge ({te_got[te_keys[te_names[-1]]].dtype} in ComfyUI)")

@@ -36,7 +36,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-DEVICE = os.environ.get("PARA_KOHYA_DEVICE", "cpu")  # gpu_check.sh: cuda (one GPU per process)
+DEVICE = os.environ.get("PARA_KOHYA_DEVICE", "cpu")  # gpu_check.sh: cuda (a GPU per process, or both on one)
 
 
 def _drive(out: str, procs: int, batch: int, *extra: str) -> list[dict[str, torch.Tensor]]:
