@@ -49,7 +49,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -214,36 +214,48 @@ class _OutputProjection(torch.autograd.Function):
         dL/dy = g - s·Qa                 (the projection is symmetric)
         dL/dQ = -s·(y aᵀ + g cᵀ - b (Σ a)ᵀ)   summed over positions ((y - b)aᵀ with the bias as a rank-1 term)
 
-    Four rank-r GEMMs in backward and one autograd node (autograd's own graph of the same products has six
-    nodes, two casts of Q and their accumulations per call). Only y goes through save_for_backward, i.e.
-    through gradient checkpointing's hooks (dropped and recomputed); Q, b and c (r per position) stay on the
-    node. Computed in `projection_dtype(y)` with autocast off; Q's gradient comes back in Q's own dtype (fp32).
+    Arguments: y, Q (on y's device), b (the bias as the layer added it, already in the compute dtype cd, or
+    None), s, the layout, cd. One autograd node and the fewest torch calls this takes: in a training step each
+    call costs a fixed ~10-20 µs on a CPU whatever its size (measured in the trainer on tiny SDXL), which at
+    small sizes is the whole cost. Only y goes through save_for_backward, i.e. through gradient checkpointing's
+    hooks (dropped and recomputed); Q, b and c (r per position) stay on the node. Autocast is switched off
+    inside (cd is chosen by `projection_dtype`); Q's gradient comes back in Q's own dtype (fp32).
     """
 
     @staticmethod
-    def forward(ctx, y, q, bias, strength, cols):
-        cd = projection_dtype(y)
-        with _autocast_off(y.device.type):
-            qc = q.to(device=y.device, dtype=cd)
-            b = None if bias is None else bias.to(device=y.device, dtype=y.dtype).to(cd)  # the bias as the layer added it
-            neg_qb = None if b is None else torch.mv(qc.T, b).neg_()
+    def forward(ctx, y, q, b, strength, cols, cd):
+        dev = y.device.type
+        autocast = torch.is_autocast_enabled(dev)
+        if autocast:  # not the context manager: its Python costs as much as the GEMMs here
+            torch.set_autocast_enabled(dev, False)
+        try:
+            qc = q if q.dtype == cd else q.to(cd)
             if cols:
-                y3 = y.view(y.shape[0], y.shape[1], -1).to(cd)
+                y3 = y.view(y.shape[0], y.shape[1], -1)
+                if y.dtype != cd:
+                    y3 = y3.to(cd)
+                qt = qc.T
                 if y.shape[0] == 1:
-                    c = torch.mm(qc.T, y3[0]) if b is None else torch.addmm(neg_qb.unsqueeze(1), qc.T, y3[0])
-                    z = torch.addmm(y3[0], qc, c, alpha=-strength)
+                    y2 = y3[0]
+                    c = torch.mm(qt, y2) if b is None else torch.addmm(torch.mv(qt, b).unsqueeze_(1), qt, y2, beta=-1)
+                    z = torch.addmm(y2, qc, c, alpha=-strength)
                 else:
-                    c = torch.matmul(qc.T, y3)
-                    if neg_qb is not None:
-                        c += neg_qb.unsqueeze(1)
+                    c = torch.matmul(qt, y3)
+                    if b is not None:
+                        c -= torch.mv(qt, b).unsqueeze_(1)
                     z = torch.baddbmm(y3, qc.expand(y.shape[0], -1, -1), c, alpha=-strength)
             else:
-                y2 = y.reshape(-1, y.shape[-1]).to(cd)
-                c = torch.mm(y2, qc) if b is None else torch.addmm(neg_qb, y2, qc)
+                y2 = y.reshape(-1, y.shape[-1])
+                if y.dtype != cd:
+                    y2 = y2.to(cd)
+                c = torch.mm(y2, qc) if b is None else torch.addmm(torch.mv(qc.T, b), y2, qc, beta=-1)
                 z = torch.addmm(y2, c, qc.T, alpha=-strength)
+        finally:
+            if autocast:
+                torch.set_autocast_enabled(dev, True)
         ctx.save_for_backward(y)
-        ctx.qc, ctx.b, ctx.c, ctx.q_dtype, ctx.q_device, ctx.strength, ctx.cols = qc, b, c, q.dtype, q.device, strength, cols
-        return z.to(y.dtype).view(y.shape)
+        ctx.qc, ctx.b, ctx.c, ctx.q_dtype, ctx.strength, ctx.cols = qc, b, c, q.dtype, strength, cols
+        return (z if y.dtype == cd else z.to(y.dtype)).view(y.shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -251,17 +263,24 @@ class _OutputProjection(torch.autograd.Function):
         y, = ctx.saved_tensors
         qc, b, c, s = ctx.qc, ctx.b, ctx.c, ctx.strength
         cd = qc.dtype
+        dev = y.device.type
+        autocast = torch.is_autocast_enabled(dev)
+        if autocast:
+            torch.set_autocast_enabled(dev, False)
         gy = gq = None
-        with _autocast_off(y.device.type):
+        try:
             if ctx.cols:
-                g3 = g.reshape(y.shape[0], y.shape[1], -1).to(cd)
-                y3 = y.view(y.shape[0], y.shape[1], -1).to(cd)
+                g3 = g.reshape(y.shape[0], y.shape[1], -1)
+                y3 = y.view(y.shape[0], y.shape[1], -1)
+                if g3.dtype != cd:
+                    g3, y3 = g3.to(cd), y3.to(cd)
                 if y.shape[0] == 1:  # (C, L) matrices
-                    a = torch.mm(qc.T, g3[0])  # (r, L)
+                    g2 = g3[0]
+                    a = torch.mm(qc.T, g2)  # (r, L)
                     if ctx.needs_input_grad[0]:
-                        gy = torch.addmm(g3[0], qc, a, alpha=-s)
+                        gy = torch.addmm(g2, qc, a, alpha=-s)
                     if ctx.needs_input_grad[1]:
-                        gq = torch.mm(y3[0], a.T).addmm_(g3[0], c.T)
+                        gq = torch.mm(y3[0], a.T).addmm_(g2, c.T)
                         a_sum = a.sum(1)
                 else:
                     a = torch.matmul(qc.T, g3)  # (B, r, L)
@@ -271,25 +290,31 @@ class _OutputProjection(torch.autograd.Function):
                         gq = torch.bmm(y3, a.mT).add_(torch.bmm(g3, c.mT)).sum(0)
                         a_sum = a.sum((0, 2))
             else:
-                g2 = g.reshape(-1, y.shape[-1]).to(cd)
+                g2 = g.reshape(-1, y.shape[-1])
+                y2 = y.reshape(-1, y.shape[-1])
+                if g2.dtype != cd:
+                    g2, y2 = g2.to(cd), y2.to(cd)
                 a = torch.mm(g2, qc)  # (N, r)
                 if ctx.needs_input_grad[0]:
                     gy = torch.addmm(g2, a, qc.T, alpha=-s)
                 if ctx.needs_input_grad[1]:
-                    gq = torch.mm(y.reshape(-1, y.shape[-1]).to(cd).T, a).addmm_(g2.T, c)
+                    gq = torch.mm(y2.T, a).addmm_(g2.T, c)
                     a_sum = a.sum(0)
             if gq is not None:
                 if b is not None:
                     gq.addr_(b, a_sum, alpha=-1)
-                gq = gq.mul_(-s).to(device=ctx.q_device, dtype=ctx.q_dtype)
+                gq = gq.mul_(-s) if gq.dtype == ctx.q_dtype else gq.mul_(-s).to(ctx.q_dtype)
+        finally:
+            if autocast:
+                torch.set_autocast_enabled(dev, True)
         if gy is not None:
-            gy = gy.to(y.dtype).view(y.shape)
-        return gy, gq, None, None, None
+            gy = (gy if gy.dtype == y.dtype else gy.to(y.dtype)).view(y.shape)
+        return gy, gq, None, None, None, None
 
 
-def _autocast_off(device_type: str):
-    """Autocast disabled inside (the projection picks its own dtype), or nothing to do when it is off."""
-    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
+def projection_bias(bias: torch.Tensor | None, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """The bias a layer added to y - rounded to y's dtype, as the layer added it - in the compute dtype."""
+    return None if bias is None else bias.detach().to(device=y.device, dtype=y.dtype).to(dtype)
 
 
 def project_output(y: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None = None, channel_dim: int = -1,
@@ -303,13 +328,18 @@ def project_output(y: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None =
     product as two 1x1 convolutions (measured in bf16; benchmarks/README.md). b is taken in y's dtype (the
     bias the layer added); Q in any dtype (the trainer's fp32 Q gets its gradient in fp32).
     """
-    if bias is not None:
-        bias = bias.detach()
+    cd = projection_dtype(y)
+    return _project(y, q.to(y.device), projection_bias(bias, y, cd), channel_dim, strength, cd)
+
+
+def _project(y: torch.Tensor, q: torch.Tensor, b: torch.Tensor | None, channel_dim: int, strength: float,
+             cd: torch.dtype) -> torch.Tensor:
+    """`project_output` with b already from `projection_bias` and Q on y's device: the layout dispatch."""
     if channel_dim == 1 and y.ndim >= 3 and y.is_contiguous():
-        return _OutputProjection.apply(y, q, bias, strength, True)
+        return _OutputProjection.apply(y, q, b, strength, True, cd)
     if channel_dim not in (-1, y.ndim - 1):
-        return project_output(y.movedim(channel_dim, -1), q, bias, -1, strength).movedim(-1, channel_dim)
-    return _OutputProjection.apply(y, q, bias, strength, False)
+        return _project(y.movedim(channel_dim, -1), q, b, -1, strength, cd).movedim(-1, channel_dim)
+    return _OutputProjection.apply(y, q, b, strength, False, cd)
 
 
 def project_weight(w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -448,14 +478,15 @@ class ParaNetwork(nn.Module):
     def _project_output(self, name: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor, bias_of,
                         channel_dim: int) -> torch.Tensor:
         """`project_output` of one layer's output y with this step's Q (the layer's own basis outside `step`)
-        and the layer's bias, cast to y's dtype once per attach (the layer is frozen: its bias in a dtype is
-        the same at every step)."""
-        bkey = (name, y.dtype, y.device)
-        if bkey not in self._biases:
-            b = bias_of(module, x)
-            self._biases[bkey] = None if b is None else b.detach().to(dtype=y.dtype, device=y.device)
+        and the layer's bias, prepared (`projection_bias`) once per attach: the layer is frozen, so its bias in
+        a dtype is the same at every step."""
+        cd = projection_dtype(y)
+        bkey = (name, y.dtype, y.device, cd)
+        b = self._biases.get(bkey, _MISSING)
+        if b is _MISSING:
+            b = self._biases[bkey] = projection_bias(bias_of(module, x), y, cd)
         q = self._q[name] if self._q is not None else self.layer(name).basis()
-        return project_output(y, q, self._biases[bkey], channel_dim)
+        return _project(y, q, b, channel_dim, 1.0, cd)
 
     def _basis(self, name: str) -> torch.Tensor:
         if self._q is not None:
@@ -618,8 +649,16 @@ class ParaNetwork(nn.Module):
                 return module._conv_forward(x, w, b)
             return _call_with_weight(module, orig, w, x, args, kwargs)
 
+        chosen: dict[tuple, str] = {}  # this attach's final choices by input, so `_probe_key` is built once per input
+
         def forward(x, *args, **kwargs):
-            mode = self._choose(name, kind, module, x, rank)
+            dev = x.device.type
+            key = (x.shape, x.dtype, x.device, torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None)
+            mode = chosen.get(key)
+            if mode is None:
+                mode = self._choose(name, kind, module, x, rank)
+                if self.mode != "auto" or torch.is_grad_enabled():  # a gradient-free auto choice is provisional
+                    chosen[key] = mode
             self.mode_counts[mode] += 1
             self.layer_modes[name] = mode
             return apply(mode, x, None, args, kwargs)
@@ -652,6 +691,7 @@ def _call_with_weight(module: nn.Module, orig, w: torch.Tensor, x, args, kwargs)
         module._parameters["weight"] = saved
 
 
+_MISSING = object()
 _MEASURED: dict[tuple, str] = {}  # projection "auto": (layer, input, dtype, device) -> faster mode, per process
 
 
