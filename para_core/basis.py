@@ -100,9 +100,10 @@ def orthonormal_bases_deferred(bs: list[torch.Tensor], dtype: torch.dtype = torc
             out[idx[0]], per[idx[0]] = q, rank_margins(d, shape, dtype)
         else:
             q, d = _qr_sign_fixed(torch.stack([bs[i].to(dtype) for i in idx]), dtype)
-            m = rank_margins(d, shape, dtype)
-            for j, i in enumerate(idx):
-                out[i], per[i] = q[j].contiguous(), m[j]
+            # one copy of the batch and one unbind: per-matrix select + contiguous would give backward one
+            # SelectBackward per matrix, each zero-filling and adding a gradient of the whole batch's size
+            for i, qi, mi in zip(idx, q.contiguous().unbind(0), rank_margins(d, shape, dtype).unbind(0)):
+                out[i], per[i] = qi, mi
     if not bs:
         return [], torch.zeros(0)
     # views stacked in input order: no index tensor is copied to the device (that copy would synchronise)

@@ -190,46 +190,131 @@ def cheaper_mode(rank: int, k: int, n: int) -> str:
     return "output" if 6 * rank * n <= 6 * rank * k + k * n else "weight"
 
 
-def prepare_output_projection(q: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, device: torch.device,
-                              strength: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(Q, -s·Q, -Qᵀb) in the output's dtype and device: what `apply_output_projection` needs, computed once
-    (the trainer once per step and layer, not per call; Qᵀb is an r-vector)."""
-    q = q.to(dtype=dtype, device=device)
-    back = -q if strength == 1 else q * -strength
-    neg_qb = None if bias is None else -(bias.to(dtype=dtype, device=device) @ q)  # (r,)
-    return q, back, neg_qb
+# Low-precision outputs up to this many elements are projected in fp32 on a CPU: there a bf16/fp16 GEMM
+# of rank r costs a fixed ~20-25 µs (oneDNN set-up) against ~3-5 µs in fp32, which the two casts do not
+# undo below about this size; above it the bf16 GEMMs' halved memory traffic wins (benchmarks/README.md).
+CPU_FP32_PROJECTION_MAX_ELEMENTS = 1 << 16
 
 
-def apply_output_projection(y: torch.Tensor, q: torch.Tensor, back: torch.Tensor, neg_qb: torch.Tensor | None,
-                            channel_dim: int = -1) -> torch.Tensor:
-    """y + back·(Qᵀy + neg_qb) along channel_dim, with (q, back, neg_qb) from `prepare_output_projection`.
+def projection_dtype(y: torch.Tensor) -> torch.dtype:
+    """The dtype `project_output` computes in for output y: y's own, except for a small bf16/fp16 output on
+    a CPU, which is projected in fp32 and rounded once to y's dtype (`CPU_FP32_PROJECTION_MAX_ELEMENTS`)."""
+    if y.dtype in (torch.bfloat16, torch.float16) and y.device.type == "cpu" and y.numel() <= CPU_FP32_PROJECTION_MAX_ELEMENTS:
+        return torch.float32
+    return y.dtype
 
-    Two GEMMs on the output as it lies in memory - (N, C) for a linear layer, (C, L) per image for a conv's
-    (B, C, ...) output, no transpose - the second one fused with the addition of y (addmm), whose backward
-    passes y's gradient through untouched. On a CPU this is 2-3x faster than the same product as two 1x1
-    convolutions (measured in bf16; benchmarks/README.md).
+
+class _OutputProjection(torch.autograd.Function):
+    """z = y - s·QQᵀ(y - b) on a matrix view of the output, with its backward written out.
+
+    Two layouts, both the output as it lies in memory (no transpose): ``rows`` (N, C), channels last (a
+    linear layer), and ``cols`` (B, C, L), channels at dim 1 (a conv). With c = Qᵀ(y - b) (r per position),
+    z = y - s·Qc; for an upstream gradient g and a = Qᵀg:
+
+        dL/dy = g - s·Qa                 (the projection is symmetric)
+        dL/dQ = -s·(y aᵀ + g cᵀ - b (Σ a)ᵀ)   summed over positions ((y - b)aᵀ with the bias as a rank-1 term)
+
+    Arguments: y, Q (on y's device), b (the bias as the layer added it, already in the compute dtype cd, or
+    None), s, the layout, cd. One autograd node and the fewest torch calls this takes: in a training step each
+    call costs a fixed ~10-20 µs on a CPU whatever its size (measured in the trainer on tiny SDXL), which at
+    small sizes is the whole cost. Only y goes through save_for_backward, i.e. through gradient checkpointing's
+    hooks (dropped and recomputed); Q, b and c (r per position) stay on the node. Autocast is switched off
+    inside (cd is chosen by `projection_dtype`); Q's gradient comes back in Q's own dtype (fp32).
     """
-    dev = y.device.type
-    if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) != y.dtype:
-        # a layer that left autocast's dtype (e.g. an fp32 output): keep its precision, as the layer did
-        with torch.autocast(dev, enabled=False):
-            return apply_output_projection(y, q.to(y.dtype), back.to(y.dtype),
-                                           None if neg_qb is None else neg_qb.to(y.dtype), channel_dim)
-    if channel_dim == 1 and y.ndim >= 3 and y.is_contiguous():
-        y3 = y.view(y.shape[0], y.shape[1], -1)
-        if y.shape[0] == 1:
-            y2 = y3[0]
-            coef = torch.mm(q.T, y2) if neg_qb is None else torch.addmm(neg_qb.unsqueeze(1), q.T, y2)
-            return torch.addmm(y2, back, coef).view(y.shape)
-        coef = torch.matmul(q.T, y3)
-        if neg_qb is not None:
-            coef = coef + neg_qb.unsqueeze(1)
-        return torch.baddbmm(y3, back.expand(y.shape[0], -1, -1), coef).view(y.shape)
-    if channel_dim not in (-1, y.ndim - 1):
-        return apply_output_projection(y.movedim(channel_dim, -1), q, back, neg_qb, -1).movedim(-1, channel_dim)
-    y2 = y.reshape(-1, y.shape[-1])
-    coef = torch.mm(y2, q) if neg_qb is None else torch.addmm(neg_qb, y2, q)
-    return torch.addmm(y2, coef, back.T).view(y.shape)
+
+    @staticmethod
+    def forward(ctx, y, q, b, strength, cols, cd):
+        dev = y.device.type
+        autocast = torch.is_autocast_enabled(dev)
+        if autocast:  # not the context manager: its Python costs as much as the GEMMs here
+            torch.set_autocast_enabled(dev, False)
+        try:
+            qc = q if q.dtype == cd else q.to(cd)
+            if cols:
+                y3 = y.view(y.shape[0], y.shape[1], -1)
+                if y.dtype != cd:
+                    y3 = y3.to(cd)
+                qt = qc.T
+                if y.shape[0] == 1:
+                    y2 = y3[0]
+                    c = torch.mm(qt, y2) if b is None else torch.addmm(torch.mv(qt, b).unsqueeze_(1), qt, y2, beta=-1)
+                    z = torch.addmm(y2, qc, c, alpha=-strength)
+                else:
+                    c = torch.matmul(qt, y3)
+                    if b is not None:
+                        c -= torch.mv(qt, b).unsqueeze_(1)
+                    z = torch.baddbmm(y3, qc.expand(y.shape[0], -1, -1), c, alpha=-strength)
+            else:
+                y2 = y.reshape(-1, y.shape[-1])
+                if y.dtype != cd:
+                    y2 = y2.to(cd)
+                c = torch.mm(y2, qc) if b is None else torch.addmm(torch.mv(qc.T, b), y2, qc, beta=-1)
+                z = torch.addmm(y2, c, qc.T, alpha=-strength)
+        finally:
+            if autocast:
+                torch.set_autocast_enabled(dev, True)
+        ctx.save_for_backward(y)
+        ctx.qc, ctx.b, ctx.c, ctx.q_dtype, ctx.strength, ctx.cols = qc, b, c, q.dtype, strength, cols
+        return (z if y.dtype == cd else z.to(y.dtype)).view(y.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        y, = ctx.saved_tensors
+        qc, b, c, s = ctx.qc, ctx.b, ctx.c, ctx.strength
+        cd = qc.dtype
+        dev = y.device.type
+        autocast = torch.is_autocast_enabled(dev)
+        if autocast:
+            torch.set_autocast_enabled(dev, False)
+        gy = gq = None
+        try:
+            if ctx.cols:
+                g3 = g.reshape(y.shape[0], y.shape[1], -1)
+                y3 = y.view(y.shape[0], y.shape[1], -1)
+                if g3.dtype != cd:
+                    g3, y3 = g3.to(cd), y3.to(cd)
+                if y.shape[0] == 1:  # (C, L) matrices
+                    g2 = g3[0]
+                    a = torch.mm(qc.T, g2)  # (r, L)
+                    if ctx.needs_input_grad[0]:
+                        gy = torch.addmm(g2, qc, a, alpha=-s)
+                    if ctx.needs_input_grad[1]:
+                        gq = torch.mm(y3[0], a.T).addmm_(g2, c.T)
+                        a_sum = a.sum(1)
+                else:
+                    a = torch.matmul(qc.T, g3)  # (B, r, L)
+                    if ctx.needs_input_grad[0]:
+                        gy = torch.baddbmm(g3, qc.expand(y.shape[0], -1, -1), a, alpha=-s)
+                    if ctx.needs_input_grad[1]:
+                        gq = torch.bmm(y3, a.mT).add_(torch.bmm(g3, c.mT)).sum(0)
+                        a_sum = a.sum((0, 2))
+            else:
+                g2 = g.reshape(-1, y.shape[-1])
+                y2 = y.reshape(-1, y.shape[-1])
+                if g2.dtype != cd:
+                    g2, y2 = g2.to(cd), y2.to(cd)
+                a = torch.mm(g2, qc)  # (N, r)
+                if ctx.needs_input_grad[0]:
+                    gy = torch.addmm(g2, a, qc.T, alpha=-s)
+                if ctx.needs_input_grad[1]:
+                    gq = torch.mm(y2.T, a).addmm_(g2.T, c)
+                    a_sum = a.sum(0)
+            if gq is not None:
+                if b is not None:
+                    gq.addr_(b, a_sum, alpha=-1)
+                gq = gq.mul_(-s) if gq.dtype == ctx.q_dtype else gq.mul_(-s).to(ctx.q_dtype)
+        finally:
+            if autocast:
+                torch.set_autocast_enabled(dev, True)
+        if gy is not None:
+            gy = (gy if gy.dtype == y.dtype else gy.to(y.dtype)).view(y.shape)
+        return gy, gq, None, None, None, None
+
+
+def projection_bias(bias: torch.Tensor | None, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """The bias a layer added to y - rounded to y's dtype, as the layer added it - in the compute dtype."""
+    return None if bias is None else bias.detach().to(device=y.device, dtype=y.dtype).to(dtype)
 
 
 def project_output(y: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None = None, channel_dim: int = -1,
@@ -237,10 +322,24 @@ def project_output(y: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None =
     """y' = y - s·Q Qᵀ (y - b) along channel_dim, in y's dtype. Equals the layer's output with W - s·QQᵀW:
     (W - s·QQᵀW)x + b = y - s·QQᵀ(y - b) for y = Wx + b. Training uses it (s = 1) and so does bypass mode.
 
-    Computed as y + (-s·Q)(Qᵀy - Qᵀb): two rank-r GEMMs (`apply_output_projection`); Qᵀb is an r-vector,
-    so the bias costs nothing per position.
+    Two rank-r GEMMs on the output as it lies in memory (`_OutputProjection`): (N, C) for a linear layer,
+    (C, L) per image for a conv's (B, C, ...) output, the second fused with the addition of y (addmm); Qᵀb
+    is an r-vector, so the bias costs nothing per position. On a CPU this is 2-3x faster than the same
+    product as two 1x1 convolutions (measured in bf16; benchmarks/README.md). b is taken in y's dtype (the
+    bias the layer added); Q in any dtype (the trainer's fp32 Q gets its gradient in fp32).
     """
-    return apply_output_projection(y, *prepare_output_projection(q, bias, y.dtype, y.device, strength), channel_dim)
+    cd = projection_dtype(y)
+    return _project(y, q.to(y.device), projection_bias(bias, y, cd), channel_dim, strength, cd)
+
+
+def _project(y: torch.Tensor, q: torch.Tensor, b: torch.Tensor | None, channel_dim: int, strength: float,
+             cd: torch.dtype) -> torch.Tensor:
+    """`project_output` with b already from `projection_bias` and Q on y's device: the layout dispatch."""
+    if channel_dim == 1 and y.ndim >= 3 and y.is_contiguous():
+        return _OutputProjection.apply(y, q, b, strength, True, cd)
+    if channel_dim not in (-1, y.ndim - 1):
+        return _project(y.movedim(channel_dim, -1), q, b, -1, strength, cd).movedim(-1, channel_dim)
+    return _OutputProjection.apply(y, q, b, strength, False, cd)
 
 
 def project_weight(w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -316,9 +415,7 @@ class ParaNetwork(nn.Module):
         self.timings: dict[tuple, tuple[float, float]] = {}  # auto: key -> (output s, weight s) timed here
         self._probes: dict[str, Callable] = {}
         self._margins: torch.Tensor | None = None  # running minimum of the deferred rank margins
-        # output space: (Q, -Q, -Qᵀb) per (layer, dtype, device), made once per `step` (a layer call and its
-        # recomputation under gradient checkpointing share them), and each frozen bias in that dtype, per attach
-        self._prepared: dict[tuple, tuple] = {}
+        # output space: each frozen bias per (layer, dtype, device), cast once per attach
         self._biases: dict[tuple, torch.Tensor | None] = {}
 
     @classmethod
@@ -370,7 +467,6 @@ class ParaNetwork(nn.Module):
             yield self._q
         finally:
             self._q = None
-            self._prepared.clear()
 
     def check(self) -> None:
         """Raise ParaRankError naming the first layer whose B was rank deficient or not finite at any
@@ -379,23 +475,18 @@ class ParaNetwork(nn.Module):
         if margins is not None:
             raise_if_degenerate(margins, [f"PaRa B of {n}" for n in self.names], [tuple(l.b.shape) for _, l in self.items()])
 
-    def _output_projection(self, name: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor, bias_of) -> tuple:
-        """(Q, -Q, -Qᵀb) of one layer for output y (`prepare_output_projection`). Inside `step` made once per
-        step and layer: the casts and Qᵀb then cost nothing per call, and the layer's recomputation under
-        gradient checkpointing reuses them. They are made under identity saved-tensor hooks, so checkpointing
-        neither drops nor expects to recompute what they save (r-sized tensors)."""
-        bkey = (name, y.dtype, y.device)
-        if bkey not in self._biases:  # the layer is frozen: its bias in this dtype is the same at every step
-            b = bias_of(module, x)
-            self._biases[bkey] = None if b is None else b.detach().to(dtype=y.dtype, device=y.device)
-        if self._q is None:
-            return prepare_output_projection(self.layer(name).basis(), self._biases[bkey], y.dtype, y.device)
-        p = self._prepared.get(bkey)
-        if p is None:
-            with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
-                p = prepare_output_projection(self._q[name], self._biases[bkey], y.dtype, y.device)
-            self._prepared[bkey] = p
-        return p
+    def _project_output(self, name: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor, bias_of,
+                        channel_dim: int) -> torch.Tensor:
+        """`project_output` of one layer's output y with this step's Q (the layer's own basis outside `step`)
+        and the layer's bias, prepared (`projection_bias`) once per attach: the layer is frozen, so its bias in
+        a dtype is the same at every step."""
+        cd = projection_dtype(y)
+        bkey = (name, y.dtype, y.device, cd)
+        b = self._biases.get(bkey, _MISSING)
+        if b is _MISSING:
+            b = self._biases[bkey] = projection_bias(bias_of(module, x), y, cd)
+        q = self._q[name] if self._q is not None else self.layer(name).basis()
+        return _project(y, q, b, channel_dim, 1.0, cd)
 
     def _basis(self, name: str) -> torch.Tensor:
         if self._q is not None:
@@ -481,7 +572,6 @@ class ParaNetwork(nn.Module):
             for n in self.names:
                 self._probes.pop(n, None)
             self._biases.clear()
-            self._prepared.clear()
         try:
             undo_forwards = wrap_forwards([modules[n] for n in self.names],
                                           lambda module, orig: self._forward(names[id(module)], module, orig, weight_of, bias_of))
@@ -514,7 +604,7 @@ class ParaNetwork(nn.Module):
             def hook(mod, args, y):
                 self.mode_counts["output"] += 1
                 self.layer_modes[name] = "output"
-                return apply_output_projection(y, *self._output_projection(name, mod, args[0], y, own_bias), channel_dim)
+                return self._project_output(name, mod, args[0], y, own_bias, channel_dim)
             return hook
 
         def own_bias(mod, x):
@@ -525,7 +615,6 @@ class ParaNetwork(nn.Module):
                 h.remove()
             handles.clear()
             self._biases.clear()
-            self._prepared.clear()
         try:
             for n in self.names:
                 handles.append(modules[n].register_forward_hook(make_hook(n, modules[n])))
@@ -548,7 +637,7 @@ class ParaNetwork(nn.Module):
             if mode == "output":
                 y = orig(x, *args, **kwargs)
                 if q is None:
-                    return apply_output_projection(y, *self._output_projection(name, module, x, y, bias_of), channel_dim)
+                    return self._project_output(name, module, x, y, bias_of, channel_dim)
                 return project_output(y, q, bias_of(module, x), channel_dim)
             if q is None:
                 q = self._basis(name)
@@ -560,8 +649,16 @@ class ParaNetwork(nn.Module):
                 return module._conv_forward(x, w, b)
             return _call_with_weight(module, orig, w, x, args, kwargs)
 
+        chosen: dict[tuple, str] = {}  # this attach's final choices by input, so `_probe_key` is built once per input
+
         def forward(x, *args, **kwargs):
-            mode = self._choose(name, kind, module, x, rank)
+            dev = x.device.type
+            key = (x.shape, x.dtype, x.device, torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None)
+            mode = chosen.get(key)
+            if mode is None:
+                mode = self._choose(name, kind, module, x, rank)
+                if self.mode != "auto" or torch.is_grad_enabled():  # a gradient-free auto choice is provisional
+                    chosen[key] = mode
             self.mode_counts[mode] += 1
             self.layer_modes[name] = mode
             return apply(mode, x, None, args, kwargs)
@@ -594,10 +691,7 @@ def _call_with_weight(module: nn.Module, orig, w: torch.Tensor, x, args, kwargs)
         module._parameters["weight"] = saved
 
 
-def _keep(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
+_MISSING = object()
 _MEASURED: dict[tuple, str] = {}  # projection "auto": (layer, input, dtype, device) -> faster mode, per process
 
 

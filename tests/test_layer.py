@@ -398,3 +398,41 @@ def test_small_sv_init_names_the_layer_of_a_non_finite_weight():
     w[3, 4] = float("inf")
     with pytest.raises(Exception, match=r"^diffusion_model.x: small_sv init: the weight of shape \(8, 20\) contains NaN or Inf$"):
         ParaNetwork.from_weights({"diffusion_model.x": w}, {"diffusion_model.x": 2})
+
+
+@pytest.mark.parametrize("shape,dim", [((3, 7, 12), -1), ((1, 12, 4, 5), 1), ((2, 12, 4, 5), 1), ((2, 12, 3), 1)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_output_projection_backward_is_the_exact_gradient(shape, dim, with_bias, gen):
+    """The hand-written backward of the output projection (rows, one conv image, a conv batch, a strided
+    channel axis) against finite differences in float64, with a bias and a strength s != 1, and its
+    forward against y - s·QQᵀ(y - b)."""
+    y = torch.randn(shape, generator=gen, dtype=D, requires_grad=True)
+    c = shape[dim]
+    q = orth64(torch.randn(c, 3, generator=gen)).requires_grad_(True)
+    b = torch.randn(c, generator=gen, dtype=D) if with_bias else None
+    assert torch.autograd.gradcheck(lambda y, q: project_output(y, q, b, dim, 0.7), (y, q))
+    ym = y.detach().movedim(dim, -1)
+    ref = ym - 0.7 * ((ym - (0 if b is None else b)) @ q.detach()) @ q.detach().T
+    torch.testing.assert_close(project_output(y, q, b, dim, 0.7).detach(), ref.movedim(-1, dim), rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("shape,dim", [((1, 16, 64), -1), ((2, 64, 4, 4), 1), ((1, 128, 1024), -1)])
+def test_bf16_output_projection_under_autocast_is_as_close_as_bf16_allows(shape, dim, gen):
+    """Under bf16 autocast on a CPU (small outputs are projected in fp32, large ones in bf16): the output and
+    y's gradient within bf16 rounding of the float64 values, Q's gradient returned in fp32, autocast left on."""
+    c = shape[dim]
+    y = torch.randn(shape, generator=gen).to(torch.bfloat16).requires_grad_(True)
+    q = orth64(torch.randn(c, 4, generator=gen)).float().requires_grad_(True)
+    b = (torch.randn(c, generator=gen) * 0.1).to(torch.bfloat16)
+    w = torch.randn(shape, generator=gen, dtype=D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = project_output(y, q, b, dim)
+        assert torch.is_autocast_enabled("cpu")
+    (z.to(D) * w).sum().backward()
+    y64, q64 = y.detach().to(D).requires_grad_(True), q.detach().to(D).requires_grad_(True)
+    ym = y64.movedim(dim, -1)
+    ref = (ym - ((ym - b.to(D)) @ q64) @ q64.T).movedim(-1, dim)
+    (ref * w).sum().backward()
+    assert z.dtype == torch.bfloat16 and q.grad.dtype == torch.float32
+    for got, want in ((z.detach(), ref.detach()), (y.grad, y64.grad), (q.grad, q64.grad)):
+        assert float((got.to(D) - want).abs().max() / want.abs().max()) < 2e-2
