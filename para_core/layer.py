@@ -228,6 +228,9 @@ class _OutputProjection(torch.autograd.Function):
         autocast = torch.is_autocast_enabled(dev)
         if autocast:  # not the context manager: its Python costs as much as the GEMMs here
             torch.set_autocast_enabled(dev, False)
+        # z is written into a fresh tensor of y's shape and returned whole: a view returned from a custom Function
+        # may not be modified in place later (HunyuanImage's blocks do), and a view of z would be one.
+        z_full = torch.empty(y.shape, dtype=cd, device=y.device)
         try:
             qc = q if q.dtype == cd else q.to(cd)
             if cols:
@@ -238,24 +241,24 @@ class _OutputProjection(torch.autograd.Function):
                 if y.shape[0] == 1:
                     y2 = y3[0]
                     c = torch.mm(qt, y2) if b is None else torch.addmm(torch.mv(qt, b).unsqueeze_(1), qt, y2, beta=-1)
-                    z = torch.addmm(y2, qc, c, alpha=-strength)
+                    torch.addmm(y2, qc, c, alpha=-strength, out=z_full.view(y2.shape))
                 else:
                     c = torch.matmul(qt, y3)
                     if b is not None:
                         c -= torch.mv(qt, b).unsqueeze_(1)
-                    z = torch.baddbmm(y3, qc.expand(y.shape[0], -1, -1), c, alpha=-strength)
+                    torch.baddbmm(y3, qc.expand(y.shape[0], -1, -1), c, alpha=-strength, out=z_full.view(y3.shape))
             else:
                 y2 = y.reshape(-1, y.shape[-1])
                 if y.dtype != cd:
                     y2 = y2.to(cd)
                 c = torch.mm(y2, qc) if b is None else torch.addmm(torch.mv(qc.T, b), y2, qc, beta=-1)
-                z = torch.addmm(y2, c, qc.T, alpha=-strength)
+                torch.addmm(y2, c, qc.T, alpha=-strength, out=z_full.view(y2.shape))
         finally:
             if autocast:
                 torch.set_autocast_enabled(dev, True)
         ctx.save_for_backward(y)
         ctx.qc, ctx.b, ctx.c, ctx.q_dtype, ctx.strength, ctx.cols = qc, b, c, q.dtype, strength, cols
-        return (z if y.dtype == cd else z.to(y.dtype)).view(y.shape)
+        return z_full if y.dtype == cd else z_full.to(y.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -436,3 +436,30 @@ def test_bf16_output_projection_under_autocast_is_as_close_as_bf16_allows(shape,
     assert z.dtype == torch.bfloat16 and q.grad.dtype == torch.float32
     for got, want in ((z.detach(), ref.detach()), (y.grad, y64.grad), (q.grad, q64.grad)):
         assert float((got.to(D) - want).abs().max() / want.abs().max()) < 2e-2
+
+
+@pytest.mark.parametrize("shape, channel_dim", [((2, 5, 8), -1), ((1, 8, 3, 4), 1), ((2, 8, 3, 4), 1)])
+def test_output_projection_result_can_be_modified_in_place(shape, channel_dim):
+    """Some models modify a layer's output in place through a view (HunyuanImage's blocks: transpose, then an
+    in-place op). torch forbids that on a view made inside a custom autograd Function, so the projection must return
+    a tensor of its own; the gradient through the in-place op must still be the reference's (float64)."""
+    gen = torch.Generator().manual_seed(0)
+    y0 = torch.randn(shape, dtype=torch.float64, generator=gen)
+    q = random_orth64(8, 2, gen)
+    bias = torch.randn(8, dtype=torch.float64, generator=gen)
+    weight = torch.randn(shape, dtype=torch.float64, generator=gen).transpose(0, 1)
+
+    def loss(project):
+        y = y0.clone().requires_grad_(True)
+        z = project(y)
+        w = z.transpose(0, 1)
+        w.mul_(weight)
+        w.sum().backward()
+        return z, y.grad
+
+    z, grad = loss(lambda y: project_output(y, q, bias, channel_dim))
+    assert z._base is None
+    yc = lambda y: y.movedim(channel_dim, -1)  # noqa: E731
+    ref_z, ref_grad = loss(lambda y: (yc(y) - (yc(y) - bias) @ q @ q.T).movedim(-1, channel_dim).contiguous())
+    torch.testing.assert_close(z, ref_z, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-12)
