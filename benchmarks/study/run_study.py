@@ -81,18 +81,25 @@ def subject_fidelity(judge, samples: torch.Tensor, subject: W.Subject) -> float:
     return score(judge, samples, {"shape": subject.shape, "colour": subject.colour})
 
 
+def subject_graph(harness, cfg: W.WorldConfig, key: str, seed: int) -> tuple:
+    """A new graph with the base model, the CLIP, the caption "a sks" and 4 subject latents of `seed` (stored under
+    `key`): (graph, MODEL, CLIP, CONDITIONING, LATENT)."""
+    a = cfg.subjects[0]
+    G.OBJECTS[key] = G.to_latent(W.subject_images(cfg, a, 4, seed=100 + seed))
+    g = harness.graph()
+    base = g.node("ParaStudyModel", key="base").out(0)
+    clip = g.node("ParaStudyCLIP", key="clip").out(0)
+    caption = g.node("CLIPTextEncode", clip=clip, text=W.prompt(a.token)).out(0)
+    return g, base, clip, caption, g.node("ParaStudyLatents", key=key).out(0)
+
+
 def subject_gain(harness, judge, cfg: W.WorldConfig, seed: int, steps: int = STEPS, n: int = 16) -> dict[str, float]:
     """Subject fidelity of "a sks" for one seed, base and PaRa (`base`, `para`: shape and colour; `base_colour`,
     `para_colour`: the subject's colour only): the CI quality test's measurement (one graph: Train PaRa on 4 subject
     latents, KSampler with the base model and with the PaRa, same noise)."""
     a = cfg.subjects[0]
-    G.OBJECTS[f"gain_{seed}"] = G.to_latent(W.subject_images(cfg, a, 4, seed=100 + seed))
-    g = harness.graph()
-    base = g.node("ParaStudyModel", key="base").out(0)
-    clip = g.node("ParaStudyCLIP", key="clip").out(0)
-    caption = g.node("CLIPTextEncode", clip=clip, text=W.prompt(a.token)).out(0)
-    para = G.train_para(harness, g, base, g.node("ParaStudyLatents", key=f"gain_{seed}").out(0), caption, steps, seed,
-                        rank=RANK, learning_rate=LR)
+    g, base, clip, caption, latents = subject_graph(harness, cfg, f"gain_{seed}", seed)
+    para = G.train_para(harness, g, base, latents, caption, steps, seed, rank=RANK, learning_rate=LR)
     ids_base = G.add_samplers(g, base, clip, [W.prompt(a.token)], n, seed, cfg.size)
     ids_para = G.add_samplers(g, para.out(0), clip, [W.prompt(a.token)], n, seed, cfg.size)
     G.run(harness, g)
@@ -142,13 +149,7 @@ def tune(harness, judge, cfg: W.WorldConfig, steps: int, n: int, grid=LR_GRID, s
     own subject images, noise and samples): personalisation must draw the subject *and* keep the rest. (Measured:
     the best subject alone picks an lr that forgets everything, LoRA 3e-2: subject 1.0, preservation 0.0; subject
     + preservation one that learns nothing.) Returns {"lr": {method: lr}, "grid": {method: {lr: metrics}}}."""
-    a = cfg.subjects[0]
-    G.OBJECTS[f"tune_{seed}"] = G.to_latent(W.subject_images(cfg, a, 4, seed=100 + seed))
-    g = harness.graph()
-    base = g.node("ParaStudyModel", key="base").out(0)
-    clip = g.node("ParaStudyCLIP", key="clip").out(0)
-    caption = g.node("CLIPTextEncode", clip=clip, text=W.prompt(a.token)).out(0)
-    latents = g.node("ParaStudyLatents", key=f"tune_{seed}").out(0)
+    g, base, clip, caption, latents = subject_graph(harness, cfg, f"tune_{seed}", seed)
     prompts = list(subject_prompts(cfg)) + list(preserve_prompts(cfg))
     samplers = {(m, lr): G.add_samplers(g, train(harness, g, m, base, latents, caption, steps, seed, lr)[0], clip,
                                         prompts, n, seed, cfg.size) for m in METHODS for lr in grid}

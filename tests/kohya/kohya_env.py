@@ -46,3 +46,16 @@ def needs_kohya():
     if missing and REQUIRE:
         raise pytest.UsageError(f"COMFYUI_PARA_REQUIRE_KOHYA=1 but {missing}")
     return pytest.mark.skipif(bool(missing), reason=f"needs sd-scripts: {missing}")
+
+
+def load_para_on_checkpoint(comfy, ckpt: str, para_path: str, fresh_cache: bool = False) -> tuple[str, str]:
+    """CheckpointLoaderSimple → Load PaRa (model and CLIP at strength 1) run in ComfyUI, as a user loads a file
+    sd-scripts wrote: (the Load PaRa node's id, its summary text)."""
+    g = comfy.graph()
+    ck = g.node("CheckpointLoaderSimple", ckpt_name=ckpt)
+    lp = g.node("PaRaLoader", model=ck.out(0), clip=ck.out(1), para_name=os.path.basename(para_path),
+                strength_model=1.0, strength_clip=1.0)
+    g.node("PreviewAny", source=lp.out(0))
+    g.node("PreviewAny", source=lp.out(1))
+    ui = comfy.run(g.finalize(), fresh_cache=fresh_cache)
+    return lp.id, ui[lp.id]["text"][0]

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 
-from kohya_env import KOHYA, REPO, TOOLS, needs_kohya
+from kohya_env import KOHYA, REPO, TOOLS, load_para_on_checkpoint, needs_kohya
 from kohya_env import run_python as _run
 
 pytestmark = needs_kohya()
@@ -75,14 +75,8 @@ def test_load_para_patches_what_sd_scripts_merged(comfy, trained):
     n_te = sum(n.startswith("lora_te_") for n in para.stages)
     assert n_te == 72 and len(para.stages) == 266, (n_te, len(para.stages))  # ExCA on SD1.5 + CLIP-L attention/MLP
 
-    g = comfy.graph()
-    ck = g.node("CheckpointLoaderSimple", ckpt_name=trained["ckpt"])
-    lp = g.node("PaRaLoader", model=ck.out(0), clip=ck.out(1), para_name=os.path.basename(trained["para"]),
-                strength_model=1.0, strength_clip=1.0)
-    g.node("PreviewAny", source=lp.out(0))
-    g.node("PreviewAny", source=lp.out(1))
-    ui = comfy.run(g.finalize())
-    assert "model: 194 layers patched, clip: 72 layers patched" in ui[lp.id]["text"][0], ui[lp.id]["text"]
+    lp_id, text = load_para_on_checkpoint(comfy, trained["ckpt"], trained["para"])
+    assert "model: 194 layers patched, clip: 72 layers patched" in text, text
 
     keys = {"model": {}, "clip": {}}
     for k in trained["merged"]:
@@ -93,7 +87,7 @@ def test_load_para_patches_what_sd_scripts_merged(comfy, trained):
     with safe_open(trained["ckpt_path"], "pt") as f:  # W0 as stored (fp16)
         w0 = {k: f.get_tensor(k) for k in trained["merged"]}
     for part, index in ((0, "model"), (1, "clip")):
-        patcher = comfy.output(lp.id, part)
+        patcher = comfy.output(lp_id, part)
         got = comfy.patched_state_dict(patcher, list(keys[index]))
         moved = 0
         for ckey, mkey in keys[index].items():

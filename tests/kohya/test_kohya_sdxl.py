@@ -23,7 +23,7 @@ import os
 
 import pytest
 import torch
-from kohya_env import KOHYA, TOOLS, needs_kohya
+from kohya_env import KOHYA, TOOLS, load_para_on_checkpoint, needs_kohya
 from kohya_env import run_python as _run
 
 OPT_IN = os.environ.get("PARA_KOHYA_SDXL") == "1"
@@ -107,15 +107,10 @@ def test_sdxl_load_para_patches_what_sd_scripts_merged(comfy, trained_sdxl):
     assert count == {"lora_unet": 493, "lora_te1": 72, "lora_te2": 192}, count  # ExCA + CLIP-L + bigG attention/MLP
     assert para.metadata["ss_network_module"] == "para_core.kohya" and "sdxl" in para.metadata["ss_base_model_version"]
 
-    g = comfy.graph()
-    ck = g.node("CheckpointLoaderSimple", ckpt_name=trained_sdxl["ckpt"])
-    lp = g.node("PaRaLoader", model=ck.out(0), clip=ck.out(1), para_name=os.path.basename(trained_sdxl["para"]),
-                strength_model=1.0, strength_clip=1.0)
-    g.node("PreviewAny", source=lp.out(0))
-    g.node("PreviewAny", source=lp.out(1))
-    ui = comfy.run(g.finalize(), fresh_cache=True)  # a cache of its own: the SDXL goes when this test ends
-    assert "model: 493 layers patched, clip: 264 layers patched" in ui[lp.id]["text"][0], ui[lp.id]["text"]
-    model, clip = comfy.output(lp.id, 0), comfy.output(lp.id, 1).patcher
+    # a cache of its own: the SDXL goes when this test ends
+    lp_id, text = load_para_on_checkpoint(comfy, trained_sdxl["ckpt"], trained_sdxl["para"], fresh_cache=True)
+    assert "model: 493 layers patched, clip: 264 layers patched" in text, text
+    model, clip = comfy.output(lp_id, 0), comfy.output(lp_id, 1).patcher
     mm.unload_all_models()
     key_of = {**model_lora_keys_unet(model.model, {}), **model_lora_keys_clip(clip.model, {})}
     totals = {"model": [0, 0, 0.0], "clip": [0, 0, 0.0]}
