@@ -21,7 +21,7 @@ colour gain ≥ COLOUR_MARGIN (.5; min .69 measured) on each seed, and mean subj
 samples; .31 measured). A trainer that stops learning leaves PaRa at the base's 0 and fails both.
 
 Deterministic: fixed seeds, torch threads set to 1 for the test (restored after), PaRa `projection=output`. Time on
-this 2-core machine: about 40 s with the world cached (~/.cache/comfyui-para-study, kept between runs); 406 s when
+this 2-core machine: 55 s with the world cached under load (~/.cache/comfyui-para-study, kept between runs); 406 s when
 it pretrains the world first, under load from three other jobs (ComfyUI 0.8.0, fresh cache).
 """
 from __future__ import annotations
