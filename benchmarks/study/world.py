@@ -14,7 +14,9 @@ what KSampler returns and what Train PaRa / Train LoRA read back with `process_l
   options to one transformer layer, random weights fixed by the seed and never trained (as in personalisation,
   only the denoiser learns). It only has to map different prompts to different conditionings.
 * Base model: ComfyUI's SD1.5 model class (`comfy.supported_models.SD15`, UNet with small channels, context 768),
-  pretrained from scratch by `pretrain()` with ε-prediction on the discrete SD schedule (what KSampler samples).
+  typed v-prediction (`WorldConfig.prediction`: core Train LoRA's x0 loss then weights noise levels by σ²/(σ²+1) ≤ 1,
+  not by σ² as for ε; benchmarks/README.md, *The study*), pretrained from scratch by `pretrain()` in its own target
+  space on the discrete SD schedule (what KSampler samples).
 * Judge: a small CNN with three heads (shape incl. subjects, colour, position), trained on its own held-out
   draws with noise and amplitude augmentation, so imperfect samples still classify.
 
@@ -103,8 +105,8 @@ class WorldConfig:
 
 
 # STUDY: the world benchmarks/study/run_study.py measures. CI: the smallest version, for the quality regression
-# test (tests/integration/test_study_quality.py): the same concepts, half the pretraining (at 400 steps PaRa could not
-# draw the subject at all: 0/16 on 2 seeds).
+# test (tests/integration/test_study_quality.py): the same concepts, a quarter of the pretraining (enough for the
+# test's margins, measured on 5 seeds; in the first, ε-prediction world 400 steps were not: 0/16 on 2 seeds).
 STUDY = WorldConfig("study")
 CI = WorldConfig("ci", pretrain_steps=1000, judge_steps=300)
 
