@@ -17,9 +17,10 @@
   checkpoint: `flux_utils.analyze_checkpoint_state`), random, bf16 (DIR/flux.safetensors), Flux's AE and CLIP-L
   (random, bf16) and T5-XXL as a sparse file of zeros (`t5_zeros`).
 * ``sd3 DIR``: an SD3.5-large-layout MMDiT of depth 2 (width 64·depth: sd-scripts reads both from the checkpoint,
-  `sd3_utils.analyze_state_dict_state`) with SD3's VAE in the checkpoint, random, bf16; CLIP-L random, CLIP-G and
-  T5-XXL as sparse files of zeros.
-* ``merge_dit FAMILY CKPT PARA OUT [CLIP_L]``: load the Flux / SD3 diffusion model (and Flux's CLIP-L, when its
+  `sd3_utils.analyze_state_dict_state`) with SD3's VAE in the checkpoint, random, bf16; CLIP-L and CLIP-G random
+  (bf16; CLIP-G at its full 32 layers, 1.4 GB: `sd3_utils.load_clip_g` builds a fixed config, and a layer sd-scripts
+  trains on a zero W0 would never move, W0 - QQᵀW0 = 0), T5-XXL as a sparse file of zeros.
+* ``merge_dit FAMILY CKPT PARA OUT [CLIP_L [CLIP_G]]``: load the Flux / SD3 diffusion model (and the CLIPs, when their
   layers were trained) as its trainer does, merge the file with the network's `merge_to`, write the merged weights
   keyed by sd-scripts module name, fp32.
 """
@@ -254,20 +255,30 @@ def sd3(folder: str, seed: int = 0) -> None:
     _save(os.path.join(folder, "clip_l.safetensors"), _clip_l().state_dict())
     load, sd3_utils.load_safetensors = sd3_utils.load_safetensors, lambda *a, **k: {}  # CLIP-G as built, on meta
     try:
-        save_zeros(os.path.join(folder, "clip_g.safetensors"), sd3_utils.load_clip_g("-", None, "cpu"))
+        config = sd3_utils.load_clip_g("-", None, "cpu").config
     finally:
         sd3_utils.load_safetensors = load
+    from transformers import CLIPTextModelWithProjection
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 (1.4 GB, not 2.8 in fp32), transformers' own init
+    try:
+        _save(os.path.join(folder, "clip_g.safetensors"), CLIPTextModelWithProjection(config).state_dict())
+    finally:
+        torch.set_default_dtype(torch.float32)
     _t5_zeros(os.path.join(folder, "t5xxl.safetensors"))
 
 
-def merge_dit(family: str, ckpt: str, para_file: str, out: str, clip_l: str = "") -> None:
+def merge_dit(family: str, ckpt: str, para_file: str, out: str, clip_l: str = "", clip_g: str = "") -> None:
     from safetensors.torch import save_file
 
     from para_core import kohya
     tes = []
-    if clip_l:  # Flux's text encoders as its trainer passes them, [CLIP-L, T5]: CLIP-L is lora_te1 (T5 untrained)
+    if clip_l and family == "flux":  # Flux's text encoders as its trainer passes them, [CLIP-L, T5]: lora_te1 (T5 untrained)
         from library import flux_utils
         tes = [flux_utils.load_clip_l(clip_l, torch.float32, "cpu"), None]
+    elif clip_l:  # SD3's, [CLIP-L, CLIP-G, T5]: lora_te1, lora_te2 (T5 untrained)
+        from library import sd3_utils
+        tes = [sd3_utils.load_clip_l(clip_l, torch.float32, "cpu"), sd3_utils.load_clip_g(clip_g, torch.float32, "cpu"),
+               None]
     if family == "flux":
         from library import flux_utils
         _, model = flux_utils.load_flow_model(ckpt, torch.float32, "cpu")

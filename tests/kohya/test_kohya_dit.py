@@ -5,7 +5,8 @@ sd-scripts reads a DiT's depth from its checkpoint (`flux_utils.analyze_checkpoi
 (3072) with 1 double and 1 single block, an SD3.5-large-layout MMDiT of depth 2 (`sd_tools.py flux` / `sd3`, random,
 bf16). Both trainers load a full T5-XXL whatever the data (a fixed config in `flux_utils.load_t5xxl`, 4.7B
 parameters); it is generated as a sparse file of zeros, which sd-scripts mmaps (no disk, reclaimable page cache)
-and runs once per caption under --cache_text_encoder_outputs. SD3's CLIP-G likewise (zeros); the CLIP-Ls are random.
+and runs once per caption under --cache_text_encoder_outputs. The CLIPs are random (CLIP-G at its full 32 layers,
+1.4 GB bf16: `sd3_utils.load_clip_g` has a fixed config, and a trained layer on a zero W0 would not move).
 
 sd-scripts' real ``flux_train_network.py`` / ``sd3_train_network.py --network_module para_core.kohya`` trains 2 steps
 (bf16 weights as sd-scripts loads them under --mixed_precision bf16, the only way its T5 is not copied to fp32; 64 px,
@@ -19,6 +20,12 @@ rounding, every one moved away from W0, the set of patched layers the file's (Ex
 still cached (a partial cache: CLIP-L runs each step). ComfyUI loads that CLIP-L with CLIPLoader and Load PaRa
 patches it (``lora_te1_`` -> ``clip_l.*`` in ComfyUI's key map, for every model holding a CLIP-L), compared with the
 network's merge of the same file into sd-scripts' CLIP-L like the diffusion model's layers.
+
+``sd3_te`` is the same for SD3: sd3_train_network.py without --network_train_unet_only trains CLIP-L
+(``lora_te1_``, 72 layers) and CLIP-G (``lora_te2_``: 32 layers x 6 = 192), never T5 (``train_t5xxl`` False; T5's
+outputs cached, the CLIPs run each step). ComfyUI loads both with DualCLIPLoader (type "sd3": clip-l + clip-g, no
+T5) and Load PaRa patches them (``lora_te1_`` -> ``clip_l.*``, ``lora_te2_`` -> ``clip_g.*`` where a CLIP-L is
+beside it, as in SDXL); each is compared with the network's merge into sd-scripts' CLIP-L / CLIP-G.
 
 The tests run in sd-scripts' Python or, with KOHYA_PYTHON naming that Python, in ComfyUI's (the trainers and the
 merge are subprocesses): e.g. ComfyUI 0.33.0's own venv.
@@ -46,10 +53,17 @@ FAMILIES = {
                     files=("--clip_l", "clip_l.safetensors", "--t5xxl", "t5xxl.safetensors", "--ae", "ae.safetensors"),
                     args=("--guidance_scale", "1.0", "--timestep_sampling", "sigmoid", "--model_prediction_type",
                           "raw", "--discrete_flow_shift", "1.0"),
-                    layers=8, te_layers=72, comfy_class="Flux"),
+                    layers=8, te_layers={"lora_te1_": 72}, te_files=("clip_l",), comfy_class="Flux"),
     "sd3": dict(trainer="sd3_train_network.py", ckpt="sd3.safetensors",
                 files=("--clip_l", "clip_l.safetensors", "--clip_g", "clip_g.safetensors", "--t5xxl", "t5xxl.safetensors"),
                 args=("--training_shift", "1.0", "--weighting_scheme", "uniform"), layers=10, comfy_class="SD3"),
+    # the same SD3 with CLIP-L and CLIP-G trained (sd3_train_network.py trains both unless --network_train_unet_only;
+    # T5 never by default: T5's outputs stay cached, the CLIPs run each step)
+    "sd3_te": dict(trainer="sd3_train_network.py", ckpt="sd3.safetensors", models="sd3",
+                   files=("--clip_l", "clip_l.safetensors", "--clip_g", "clip_g.safetensors", "--t5xxl",
+                          "t5xxl.safetensors"),
+                   args=("--training_shift", "1.0", "--weighting_scheme", "uniform"), layers=10,
+                   te_layers={"lora_te1_": 72, "lora_te2_": 192}, te_files=("clip_l", "clip_g"), comfy_class="SD3"),
 }
 
 
@@ -58,7 +72,7 @@ def trained_dit(request, comfy, tmp_path_factory):
     family, spec = request.param, FAMILIES[request.param]
     work = str(tmp_path_factory.mktemp(f"kohya_{family}"))
     models = os.path.join(str(tmp_path_factory.getbasetemp()), f"kohya_models_{spec.get('models', family)}")
-    if not os.path.isdir(models):  # generated once, shared by flux and flux_te
+    if not os.path.isdir(models):  # generated once, shared by flux and flux_te, sd3 and sd3_te
         _run(TOOLS, spec.get("models", family), models)
     ckpt = comfy.path("diffusion_models", f"kohya_{family}.safetensors")
     if not os.path.exists(ckpt):
@@ -81,15 +95,17 @@ def trained_dit(request, comfy, tmp_path_factory):
     print(f"\n{spec['trainer']} ({family}):", progress[-1] if progress else "(no progress line)")
     para = comfy.path("para", f"{name}.safetensors")
     merged = os.path.join(work, "merged.safetensors")
-    clip_l = os.path.join(models, "clip_l.safetensors") if spec.get("te_layers") else ""
-    _run(TOOLS, "merge_dit", spec.get("models", family), ckpt, para, merged, *([clip_l] if clip_l else []))
-    if clip_l:  # ComfyUI's text_encoders folder gets a folder of the test's own, holding this CLIP-L
+    # the trained CLIPs by ComfyUI's name for them (clip_l, clip_g: its key prefixes); merge_dit takes them in order
+    te_files = {te: os.path.join(models, f"{te}.safetensors") for te in spec.get("te_files", ())}
+    _run(TOOLS, "merge_dit", spec.get("models", family), ckpt, para, merged, *te_files.values())
+    if te_files:  # ComfyUI's text_encoders folder gets a folder of the test's own, holding these CLIPs
         te_dir = os.path.join(work, "text_encoders")
         os.makedirs(te_dir)
-        os.symlink(clip_l, os.path.join(te_dir, f"kohya_{family}_clip_l.safetensors"))
+        for te, path in te_files.items():
+            os.symlink(path, os.path.join(te_dir, f"kohya_{family}_{te}.safetensors"))
         comfy.folder_paths.add_model_folder_path("text_encoders", te_dir)
     return family, {"ckpt": os.path.basename(ckpt), "ckpt_path": ckpt, "para": para, "merged": merged,
-                    "clip_l": clip_l}
+                    "te_files": te_files}
 
 
 def _compare(got: dict, merged: dict, keys: dict, w0: dict) -> int:
@@ -120,9 +136,11 @@ def test_dit_load_para_patches_what_sd_scripts_merged(comfy, trained_dit):
     spec = FAMILIES[family]
     para = ParaModel.load(t["para"])
     unet_names = sorted(n for n in para.stages if n.startswith("lora_unet_"))
-    te_names = sorted(n for n in para.stages if n.startswith("lora_te1_"))  # CLIP-L (T5, lora_te2, is not trained)
+    te_names = sorted(n for n in para.stages if n.startswith("lora_te"))  # the CLIPs' (T5 is never trained)
+    te_layers = spec.get("te_layers", {})
     assert len(unet_names) == spec["layers"], len(unet_names)
-    assert len(te_names) == spec.get("te_layers", 0), len(te_names)
+    assert {p: sum(n.startswith(p) for n in te_names) for p in te_layers} == te_layers
+    assert len(te_names) == sum(te_layers.values()), te_names
     assert len(unet_names) + len(te_names) == len(para.stages), sorted(para.stages)
     assert para.metadata["ss_network_module"] == "para_core.kohya"
     merged = load_file(t["merged"])
@@ -130,10 +148,15 @@ def test_dit_load_para_patches_what_sd_scripts_merged(comfy, trained_dit):
 
     g = comfy.graph()
     un = g.node("UNETLoader", unet_name=t["ckpt"], weight_dtype="default")
-    # ComfyUI's LoRA key map sends lora_te1_ to clip_l.* in every model holding a CLIP-L (SDXL, SD3, Flux); a CLIP-L
-    # loaded alone is that same module without Flux's 9.8 GB T5 beside it
-    cl = g.node("CLIPLoader", clip_name=f"kohya_{family}_clip_l.safetensors", type="stable_diffusion") \
-        if t["clip_l"] else None
+    # ComfyUI's LoRA key map sends lora_te1_ to clip_l.* in every model holding a CLIP-L (SDXL, SD3, Flux), and
+    # lora_te2_ to clip_g.* where a CLIP-L is beside it (SDXL, SD3); the CLIPs loaded without T5 are those same
+    # modules without the 9.8 GB T5 (DualCLIPLoader's "sd3" recipe: clip-l, clip-g)
+    clip_names = [f"kohya_{family}_{te}.safetensors" for te in t["te_files"]]
+    cl = None
+    if len(clip_names) == 1:
+        cl = g.node("CLIPLoader", clip_name=clip_names[0], type="stable_diffusion")
+    elif clip_names:
+        cl = g.node("DualCLIPLoader", clip_name1=clip_names[0], clip_name2=clip_names[1], type="sd3")
     clip = {"clip": cl.out(0)} if cl else {}
     lp = g.node("PaRaLoader", model=un.out(0), para_name=os.path.basename(t["para"]), strength_model=1.0,
                 strength_clip=1.0, **clip)
@@ -146,7 +169,7 @@ def test_dit_load_para_patches_what_sd_scripts_merged(comfy, trained_dit):
     key_of = model_lora_keys_unet(patcher.model, {})
     keys = {n: key_of[n] for n in unet_names}
     got = comfy.patched_state_dict(patcher, sorted(set(keys.values())))
-    prefix = "model.diffusion_model." if family == "sd3" else ""
+    prefix = "model.diffusion_model." if spec["comfy_class"] == "SD3" else ""
     with safe_open(t["ckpt_path"], "pt") as f:  # W0 as stored (bf16)
         w0 = {n: f.get_tensor(prefix + k[len("diffusion_model."):]) for n, k in keys.items()}
     moved = _compare(got, merged, keys, w0)
@@ -157,8 +180,12 @@ def test_dit_load_para_patches_what_sd_scripts_merged(comfy, trained_dit):
         te_key_of = model_lora_keys_clip(clip_out.patcher.model, {})
         te_keys = {n: te_key_of[n] for n in te_names}
         te_got = comfy.patched_state_dict(clip_out, sorted(set(te_keys.values())))
-        with safe_open(t["clip_l"], "pt") as f:  # W0 as stored (bf16), HF names under ComfyUI's clip_l.transformer.
-            te_w0 = {n: f.get_tensor(k[len("clip_l.transformer."):]) for n, k in te_keys.items()}
-        te_moved = _compare(te_got, merged, te_keys, te_w0)
-        assert te_moved == len(te_keys), f"only {te_moved} of {len(te_keys)} merged CLIP-L weights differ from W0"
-        print(f"{family}: {len(te_keys)} CLIP-L weights equal sd-scripts' merge ({te_got[te_keys[te_names[-1]]].dtype} in ComfyUI)")
+        assert all(k.startswith(tuple(f"{te}.transformer." for te in t["te_files"])) for k in te_keys.values()), te_keys
+        for te, path in t["te_files"].items():  # ComfyUI's key: <te>.transformer.<HF name in the file>
+            keys_te = {n: k for n, k in te_keys.items() if k.startswith(f"{te}.transformer.")}
+            with safe_open(path, "pt") as f:  # W0 as stored (bf16)
+                te_w0 = {n: f.get_tensor(k[len(f"{te}.transformer."):]) for n, k in keys_te.items()}
+            te_moved = _compare(te_got, merged, keys_te, te_w0)
+            assert te_moved == len(keys_te), f"only {te_moved} of {len(keys_te)} merged {te} weights differ from W0"
+            print(f"{family}: {len(keys_te)} {te} weights equal sd-scripts' merge "
+                  f"({te_got[next(iter(keys_te.values()))].dtype} in ComfyUI)")
