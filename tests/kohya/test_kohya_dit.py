@@ -41,29 +41,23 @@ from kohya_env import run_python as _run
 
 pytestmark = needs_kohya()
 
+_FLUX = dict(trainer="flux_train_network.py", ckpt="flux.safetensors", models="flux",
+             files=("--clip_l", "clip_l.safetensors", "--t5xxl", "t5xxl.safetensors", "--ae", "ae.safetensors"),
+             args=("--guidance_scale", "1.0", "--timestep_sampling", "sigmoid", "--model_prediction_type", "raw",
+                   "--discrete_flow_shift", "1.0"),
+             layers=8, comfy_class="Flux")
+_SD3 = dict(trainer="sd3_train_network.py", ckpt="sd3.safetensors", models="sd3",
+            files=("--clip_l", "clip_l.safetensors", "--clip_g", "clip_g.safetensors", "--t5xxl", "t5xxl.safetensors"),
+            args=("--training_shift", "1.0", "--weighting_scheme", "uniform"), layers=10, comfy_class="SD3")
 FAMILIES = {
-    "flux": dict(trainer="flux_train_network.py", ckpt="flux.safetensors",
-                 files=("--clip_l", "clip_l.safetensors", "--t5xxl", "t5xxl.safetensors", "--ae", "ae.safetensors"),
-                 args=("--guidance_scale", "1.0", "--timestep_sampling", "sigmoid", "--model_prediction_type", "raw",
-                       "--discrete_flow_shift", "1.0"),
-                 layers=8, comfy_class="Flux"),
+    "flux": _FLUX,
     # the same Flux with its CLIP-L trained too (flux_train_network.py trains CLIP-L unless
     # --network_train_unet_only; T5 never by default, so T5's outputs stay cached: a partial cache)
-    "flux_te": dict(trainer="flux_train_network.py", ckpt="flux.safetensors", models="flux",
-                    files=("--clip_l", "clip_l.safetensors", "--t5xxl", "t5xxl.safetensors", "--ae", "ae.safetensors"),
-                    args=("--guidance_scale", "1.0", "--timestep_sampling", "sigmoid", "--model_prediction_type",
-                          "raw", "--discrete_flow_shift", "1.0"),
-                    layers=8, te_layers={"lora_te1_": 72}, te_files=("clip_l",), comfy_class="Flux"),
-    "sd3": dict(trainer="sd3_train_network.py", ckpt="sd3.safetensors",
-                files=("--clip_l", "clip_l.safetensors", "--clip_g", "clip_g.safetensors", "--t5xxl", "t5xxl.safetensors"),
-                args=("--training_shift", "1.0", "--weighting_scheme", "uniform"), layers=10, comfy_class="SD3"),
+    "flux_te": {**_FLUX, "te_layers": {"lora_te1_": 72}, "te_files": ("clip_l",)},
+    "sd3": _SD3,
     # the same SD3 with CLIP-L and CLIP-G trained (sd3_train_network.py trains both unless --network_train_unet_only;
     # T5 never by default: T5's outputs stay cached, the CLIPs run each step)
-    "sd3_te": dict(trainer="sd3_train_network.py", ckpt="sd3.safetensors", models="sd3",
-                   files=("--clip_l", "clip_l.safetensors", "--clip_g", "clip_g.safetensors", "--t5xxl",
-                          "t5xxl.safetensors"),
-                   args=("--training_shift", "1.0", "--weighting_scheme", "uniform"), layers=10,
-                   te_layers={"lora_te1_": 72, "lora_te2_": 192}, te_files=("clip_l", "clip_g"), comfy_class="SD3"),
+    "sd3_te": {**_SD3, "te_layers": {"lora_te1_": 72, "lora_te2_": 192}, "te_files": ("clip_l", "clip_g")},
 }
 
 
@@ -71,9 +65,9 @@ FAMILIES = {
 def trained_dit(request, comfy, tmp_path_factory):
     family, spec = request.param, FAMILIES[request.param]
     work = str(tmp_path_factory.mktemp(f"kohya_{family}"))
-    models = os.path.join(str(tmp_path_factory.getbasetemp()), f"kohya_models_{spec.get('models', family)}")
+    models = os.path.join(str(tmp_path_factory.getbasetemp()), f"kohya_models_{spec['models']}")
     if not os.path.isdir(models):  # generated once, shared by flux and flux_te, sd3 and sd3_te
-        _run(TOOLS, spec.get("models", family), models)
+        _run(TOOLS, spec["models"], models)
     ckpt = comfy.path("diffusion_models", f"kohya_{family}.safetensors")
     if not os.path.exists(ckpt):
         os.symlink(os.path.join(models, spec["ckpt"]), ckpt)
@@ -97,7 +91,7 @@ def trained_dit(request, comfy, tmp_path_factory):
     merged = os.path.join(work, "merged.safetensors")
     # the trained CLIPs by ComfyUI's name for them (clip_l, clip_g: its key prefixes); merge_dit takes them in order
     te_files = {te: os.path.join(models, f"{te}.safetensors") for te in spec.get("te_files", ())}
-    _run(TOOLS, "merge_dit", spec.get("models", family), ckpt, para, merged, *te_files.values())
+    _run(TOOLS, "merge_dit", spec["models"], ckpt, para, merged, *te_files.values())
     if te_files:  # ComfyUI's text_encoders folder gets a folder of the test's own, holding these CLIPs
         te_dir = os.path.join(work, "text_encoders")
         os.makedirs(te_dir)
