@@ -58,7 +58,7 @@ from ..para_core.train import (DEFAULT_CHECKPOINT_DEPTH, DTYPES, LOSS_FUNCTIONS,
                                ShapeGroup, TrainConfig, TrainingLoop, ValidationPoint, checkpoint_units, draw_micro_batch,
                                enable_checkpointing, group_by_shape, loss_value, make_optimizer, read_state,
                                restore_optimizer, save_with_state, split_validation, stages_b, state_path,
-                               unit_members, validation_points)
+                               validation_points)
 from . import folders, paths, train_host, ui_text
 from .loss_plot import loss_plot
 from .patching import apply_para
@@ -398,10 +398,7 @@ class Trainer:
             else:
                 undo.callback(network.attach(candidates, train_host.comfy_weight_of, train_host.comfy_bias_of))
             if cfg.gradient_checkpointing:
-                units = checkpoint_units(base.diffusion_model, cfg.checkpoint_depth)
-                undo.callback(enable_checkpointing(units))
-                network.set_checkpoint_units(unit_members(units, candidates))  # each unit's last layer keeps y
-                undo.callback(network.set_checkpoint_units, [])
+                undo.callback(enable_checkpointing(checkpoint_units(base.diffusion_model, cfg.checkpoint_depth), network))
             mp.pre_run()
             previewer = _previewer(base) if cfg.preview_every > 0 and self.vae is None else None
             pbar = comfy.utils.ProgressBar(cfg.steps, node_id=self.node_id)

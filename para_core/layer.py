@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -436,6 +436,7 @@ class ParaNetwork(nn.Module):
         self._qtb: dict[tuple, torch.Tensor] = {}  # Qᵀb per (layer, compute dtype), made once per `step`
         # gradient checkpointing (`set_checkpoint_units`): the unit of each layer, the layers called so far in
         # the first step (first calls, in order) and the last layer called in each unit
+        self._attached: dict[str, nn.Module] = {}  # the modules of the current attach, by layer name
         self._unit_of: dict[str, int] = {}
         self._first_calls: dict[str, None] | None = None
         self._keep_outputs: frozenset[str] = frozenset()
@@ -494,9 +495,11 @@ class ParaNetwork(nn.Module):
                 last = {self._unit_of[n]: n for n in self._first_calls if n in self._unit_of}
                 self._keep_outputs, self._first_calls = frozenset(last.values()), None
 
-    def set_checkpoint_units(self, units: list[list[str]]) -> None:
-        """Tell the network which layers gradient checkpointing recomputes together (one list of layer names
-        per unit), so that each unit's *last* layer keeps its output y on its autograd node.
+    def set_checkpoint_units(self, units: Iterable[nn.Module]) -> None:
+        """Tell the network the modules gradient checkpointing recomputes as units (`train.enable_checkpointing`
+        does), so that the *last* PaRa layer called inside each unit keeps its output y on its autograd node.
+        Membership is by module identity among the modules of the current `attach` (or bypass hooks); an
+        empty list turns it off.
 
         Why: output space needs y in backward (dL/dQ = -s(y aᵀ + ...)). Checkpointing recomputes a unit's
         forward in backward only as far as its last saved tensor, so a frozen unit stops before its last layer
@@ -508,7 +511,8 @@ class ParaNetwork(nn.Module):
         Which layer is last is what the first training `step` calls last in each unit; from the second step on
         it keeps its y. Measured: tiny SDXL, `all`, bf16, 64 px - 12 fewer convs per step (benchmarks/README.md).
         """
-        self._unit_of = {n: i for i, names in enumerate(units) for n in names}
+        index = {id(m): n for n, m in self._attached.items()}
+        self._unit_of = {index[id(m)]: i for i, unit in enumerate(units) for m in unit.modules() if id(m) in index}
         self._first_calls = {} if self._unit_of else None
         self._keep_outputs = frozenset()
 
@@ -632,9 +636,12 @@ class ParaNetwork(nn.Module):
             forget_probes()
             raise
 
+        self._attached = {n: modules[n] for n in self.names}
+
         def detach() -> None:
             undo_forwards()
             forget_probes()
+            self._attached = {}
         return detach
 
     def attach_output_hooks(self, modules: Mapping[str, nn.Module],
@@ -670,12 +677,14 @@ class ParaNetwork(nn.Module):
                 h.remove()
             handles.clear()
             self._biases.clear()
+            self._attached = {}
         try:
             for n in self.names:
                 handles.append(modules[n].register_forward_hook(make_hook(n, modules[n])))
         except BaseException:
             detach()
             raise
+        self._attached = {n: modules[n] for n in self.names}
         return detach
 
     def _forward(self, name: str, module: nn.Module, orig, weight_of, bias_of):

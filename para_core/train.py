@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
@@ -293,13 +293,6 @@ def checkpoint_units(module: torch.nn.Module, depth: int = DEFAULT_CHECKPOINT_DE
     return out
 
 
-def unit_members(units: Iterable[torch.nn.Module], modules: Mapping[str, torch.nn.Module]) -> list[list[str]]:
-    """For each checkpoint unit, the names (keys of `modules`) of the modules inside it, in `modules` order;
-    what `ParaNetwork.set_checkpoint_units` takes."""
-    inside = [{id(m) for m in unit.modules()} for unit in units]
-    return [[n for n, m in modules.items() if id(m) in ids] for ids in inside]
-
-
 def _same_attention_kernel(inner: Callable) -> Callable:
     """`inner` with scaled-dot-product attention kept off cuDNN's kernel, in the forward and in its
     recomputation alike. Measured on an H200 (torch 2.11, Flux at 1024 px): the forward ran cuDNN's attention
@@ -316,16 +309,27 @@ def _same_attention_kernel(inner: Callable) -> Callable:
     return run
 
 
-def enable_checkpointing(units: Iterable[torch.nn.Module]) -> Callable[[], None]:
+def enable_checkpointing(units: Iterable[torch.nn.Module], network: ParaNetwork | None = None) -> Callable[[], None]:
     """Recompute each unit's activations in backward instead of storing them (less memory, one more
-    forward per unit). Returns the undo (see `forward_patch.wrap_forwards`)."""
+    forward per unit). With the (attached) network, each unit's last PaRa layer keeps its output rather than
+    being computed again (`ParaNetwork.set_checkpoint_units`). Returns the undo (see
+    `forward_patch.wrap_forwards`)."""
     def make_forward(_m, inner):
         pinned = _same_attention_kernel(inner)
 
         def fwd(*args, **kwargs):
             return torch.utils.checkpoint.checkpoint(pinned, *args, use_reentrant=False, **kwargs)
         return fwd
-    return wrap_forwards(units, make_forward)
+    units = list(units)
+    undo_forwards = wrap_forwards(units, make_forward)
+    if network is None:
+        return undo_forwards
+    network.set_checkpoint_units(units)
+
+    def undo() -> None:
+        network.set_checkpoint_units([])
+        undo_forwards()
+    return undo
 
 
 # ---- the optimizer-step loop ------------------------------------------------------------------------
@@ -528,6 +532,6 @@ __all__ = [
     "TrainConfig", "TrainState", "TrainingLoop", "OPTIMIZERS", "LOSS_FUNCTIONS", "LOSS_SPACES", "DTYPES",
     "STATE_SUFFIX", "STATE_FORMAT", "loss_value", "prediction_scale", "prediction_residual", "make_optimizer",
     "LR_SCHEDULES", "learning_rate_at", "split_validation", "ValidationPoint", "validation_points", "VALIDATION_SEED",
-    "step_seed", "ShapeGroup", "group_by_shape", "MicroBatch", "draw_micro_batch", "checkpoint_units", "unit_members", "enable_checkpointing", "state_path", "state_tensors", "state_metadata",
+    "step_seed", "ShapeGroup", "group_by_shape", "MicroBatch", "draw_micro_batch", "checkpoint_units", "enable_checkpointing", "state_path", "state_tensors", "state_metadata",
     "save_with_state", "read_state", "restore_optimizer", "stages_b",
 ]

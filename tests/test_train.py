@@ -19,7 +19,7 @@ from para_core.layer import ParaNetwork
 from para_core.train import (STATE_FORMAT, TrainConfig, TrainingLoop, checkpoint_units, draw_micro_batch,
                              enable_checkpointing, group_by_shape, loss_value, make_optimizer, prediction_residual,
                              prediction_scale, read_state, restore_optimizer, save_with_state, stages_b, state_path,
-                             step_seed, unit_members)
+                             step_seed)
 
 TARGETS = ("conv", "lin1")
 RANKS = {"conv": 2, "lin1": 3}
@@ -322,9 +322,7 @@ def test_checkpointing_keeps_the_last_output_of_each_unit(tokens, kept):
         modules = dict(model.named_modules())
         modules = {n: modules[n] for n in names}
         net = ParaNetwork.from_weights({n: m.weight for n, m in modules.items()}, {n: 2 for n in names}, "random", 0, mode="output").double()
-        undo = [net.attach(modules), enable_checkpointing(checkpoint_units(model))]
-        if units:
-            net.set_checkpoint_units(unit_members(checkpoint_units(model), modules))
+        undo = [net.attach(modules), enable_checkpointing(checkpoint_units(model), net if units else None)]
         x = torch.randn(tokens, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
         grads, per_step = [], []
         for _ in range(2):
@@ -335,14 +333,14 @@ def test_checkpointing_keeps_the_last_output_of_each_unit(tokens, kept):
             grads.append({n: layer.b.grad.clone() for n, layer in net.items()})
             net.zero_grad()
             per_step.append({n: m.computed for n, m in modules.items()})
+        kept = net._keep_outputs
         for u in reversed(undo):
             u()
-        return grads, per_step, net
+        assert not net._keep_outputs and not net._unit_of  # undone with the checkpointing
+        return grads, per_step, kept
 
-    m = _Units()
-    assert unit_members(checkpoint_units(m), {n: getattr(m.units[int(n[0])], n[1]) for n in ("1b", "0a", "0b")}) == [["0a", "0b"], ["1b"]]
-    (g_keep, calls_keep, net), (g_plain, calls_plain, _) = run(True), run(False)
-    assert net._keep_outputs == {"units.0.b", "units.1.b"}  # what step 1 called last in each unit
+    (g_keep, calls_keep, last), (g_plain, calls_plain, none) = run(True), run(False)
+    assert last == {"units.0.b", "units.1.b"} and not none  # what step 1 called last in each unit
     everything_twice = dict.fromkeys(calls_plain[0], 2)  # forward + checkpointing's recomputation
     assert calls_plain == [everything_twice, everything_twice]
     assert calls_keep[0] == everything_twice  # step 1 only finds out which layer is last
