@@ -110,7 +110,7 @@ def run(a) -> dict:
     compat = _train_compat()(model)  # the model's in-place residual updates made safe for backward, as Train PaRa does
     compat.__enter__()
     undo = [lambda: compat.__exit__(None, None, None)]
-    undo += [net.attach(candidates, weight_of, bias_of), enable_checkpointing(checkpoint_units(model))]
+    undo += [net.attach(candidates, weight_of, bias_of), enable_checkpointing(checkpoint_units(model), net)]
     optimizer = make_optimizer("AdamW", [layer.b for _, layer in net.items()], 1e-4)
     lat = a.resolution // 8
     ctx_len = 512 if not a.cpu_smoke else 16

@@ -398,7 +398,7 @@ class Trainer:
             else:
                 undo.callback(network.attach(candidates, train_host.comfy_weight_of, train_host.comfy_bias_of))
             if cfg.gradient_checkpointing:
-                undo.callback(enable_checkpointing(checkpoint_units(base.diffusion_model, cfg.checkpoint_depth)))
+                undo.callback(enable_checkpointing(checkpoint_units(base.diffusion_model, cfg.checkpoint_depth), network))
             mp.pre_run()
             previewer = _previewer(base) if cfg.preview_every > 0 and self.vae is None else None
             pbar = comfy.utils.ProgressBar(cfg.steps, node_id=self.node_id)

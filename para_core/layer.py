@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -195,6 +195,10 @@ def cheaper_mode(rank: int, k: int, n: int) -> str:
 # undo below about this size; above it the bf16 GEMMs' halved memory traffic wins (benchmarks/README.md).
 CPU_FP32_PROJECTION_MAX_ELEMENTS = 1 << 16
 
+# Gradient checkpointing: a unit's last layer keeps its output (instead of recomputing the layer) only if the
+# output has at most 1/this of the layer's weight elements (`ParaNetwork.set_checkpoint_units`).
+KEEP_OUTPUT_WEIGHT_RATIO = 8
+
 
 def projection_dtype(y: torch.Tensor) -> torch.dtype:
     """The dtype `project_output` computes in for output y: y's own, except for a small bf16/fp16 output on
@@ -215,15 +219,18 @@ class _OutputProjection(torch.autograd.Function):
         dL/dQ = -s·(y aᵀ + g cᵀ - b (Σ a)ᵀ)   summed over positions ((y - b)aᵀ with the bias as a rank-1 term)
 
     Arguments: y, Q (on y's device), b (the bias as the layer added it, already in the compute dtype cd, or
-    None), s, the layout, cd. One autograd node and the fewest torch calls this takes: in a training step each
-    call costs a fixed ~10-20 µs on a CPU whatever its size (measured in the trainer on tiny SDXL), which at
-    small sizes is the whole cost. Only y goes through save_for_backward, i.e. through gradient checkpointing's
-    hooks (dropped and recomputed); Q, b and c (r per position) stay on the node. Autocast is switched off
-    inside (cd is chosen by `projection_dtype`); Q's gradient comes back in Q's own dtype (fp32).
+    None), Qᵀb (None to compute it here; the trainer makes it once per step and layer), s, the layout, cd,
+    keep_y. One autograd node and the fewest torch calls this takes: in a training step each call costs a
+    fixed ~10-20 µs on a CPU whatever its size (measured in the trainer on tiny SDXL), which at small sizes
+    is the whole cost. Q, b and c (r per position) stay on the node. y goes through save_for_backward, i.e.
+    through gradient checkpointing's hooks (dropped and recomputed), unless keep_y: then the node holds y
+    itself, so that checkpointing need not run the layer again in backward to get it back (see
+    `ParaNetwork.set_checkpoint_units`). Autocast is switched off inside (cd is chosen by
+    `projection_dtype`); Q's gradient comes back in Q's own dtype (fp32).
     """
 
     @staticmethod
-    def forward(ctx, y, q, b, strength, cols, cd):
+    def forward(ctx, y, q, b, qtb, strength, cols, cd, keep_y):
         dev = y.device.type
         autocast = torch.is_autocast_enabled(dev)
         if autocast:  # not the context manager: its Python costs as much as the GEMMs here
@@ -233,6 +240,8 @@ class _OutputProjection(torch.autograd.Function):
         z_full = torch.empty(y.shape, dtype=cd, device=y.device)
         try:
             qc = q if q.dtype == cd else q.to(cd)
+            if b is not None and qtb is None:
+                qtb = torch.mv(qc.T, b)
             if cols:
                 y3 = y.view(y.shape[0], y.shape[1], -1)
                 if y.dtype != cd:
@@ -240,30 +249,34 @@ class _OutputProjection(torch.autograd.Function):
                 qt = qc.T
                 if y.shape[0] == 1:
                     y2 = y3[0]
-                    c = torch.mm(qt, y2) if b is None else torch.addmm(torch.mv(qt, b).unsqueeze_(1), qt, y2, beta=-1)
+                    c = torch.mm(qt, y2) if b is None else torch.addmm(qtb.unsqueeze(1), qt, y2, beta=-1)
                     torch.addmm(y2, qc, c, alpha=-strength, out=z_full.view(y2.shape))
                 else:
                     c = torch.matmul(qt, y3)
                     if b is not None:
-                        c -= torch.mv(qt, b).unsqueeze_(1)
+                        c -= qtb.unsqueeze(1)
                     torch.baddbmm(y3, qc.expand(y.shape[0], -1, -1), c, alpha=-strength, out=z_full.view(y3.shape))
             else:
                 y2 = y.reshape(-1, y.shape[-1])
                 if y.dtype != cd:
                     y2 = y2.to(cd)
-                c = torch.mm(y2, qc) if b is None else torch.addmm(torch.mv(qc.T, b), y2, qc, beta=-1)
+                c = torch.mm(y2, qc) if b is None else torch.addmm(qtb, y2, qc, beta=-1)
                 torch.addmm(y2, c, qc.T, alpha=-strength, out=z_full.view(y2.shape))
         finally:
             if autocast:
                 torch.set_autocast_enabled(dev, True)
-        ctx.save_for_backward(y)
+        if keep_y:
+            ctx.kept_y = y
+        else:
+            ctx.kept_y = None
+            ctx.save_for_backward(y)
         ctx.qc, ctx.b, ctx.c, ctx.q_dtype, ctx.strength, ctx.cols = qc, b, c, q.dtype, strength, cols
         return z_full if y.dtype == cd else z_full.to(y.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        y, = ctx.saved_tensors
+        y = ctx.saved_tensors[0] if ctx.kept_y is None else ctx.kept_y
         qc, b, c, s = ctx.qc, ctx.b, ctx.c, ctx.strength
         cd = qc.dtype
         dev = y.device.type
@@ -312,7 +325,7 @@ class _OutputProjection(torch.autograd.Function):
                 torch.set_autocast_enabled(dev, True)
         if gy is not None:
             gy = (gy if gy.dtype == y.dtype else gy.to(y.dtype)).view(y.shape)
-        return gy, gq, None, None, None, None
+        return gy, gq, None, None, None, None, None, None
 
 
 def projection_bias(bias: torch.Tensor | None, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
@@ -336,13 +349,13 @@ def project_output(y: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None =
 
 
 def _project(y: torch.Tensor, q: torch.Tensor, b: torch.Tensor | None, channel_dim: int, strength: float,
-             cd: torch.dtype) -> torch.Tensor:
+             cd: torch.dtype, qtb: torch.Tensor | None = None, keep_y: bool = False) -> torch.Tensor:
     """`project_output` with b already from `projection_bias` and Q on y's device: the layout dispatch."""
     if channel_dim == 1 and y.ndim >= 3 and y.is_contiguous():
-        return _OutputProjection.apply(y, q, b, strength, True, cd)
+        return _OutputProjection.apply(y, q, b, qtb, strength, True, cd, keep_y)
     if channel_dim not in (-1, y.ndim - 1):
-        return _project(y.movedim(channel_dim, -1), q, b, -1, strength, cd).movedim(-1, channel_dim)
-    return _OutputProjection.apply(y, q, b, strength, False, cd)
+        return _project(y.movedim(channel_dim, -1), q, b, -1, strength, cd, qtb, keep_y).movedim(-1, channel_dim)
+    return _OutputProjection.apply(y, q, b, qtb, strength, False, cd, keep_y)
 
 
 def project_weight(w: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -420,6 +433,13 @@ class ParaNetwork(nn.Module):
         self._margins: torch.Tensor | None = None  # running minimum of the deferred rank margins
         # output space: each frozen bias per (layer, dtype, device), cast once per attach
         self._biases: dict[tuple, torch.Tensor | None] = {}
+        self._qtb: dict[tuple, torch.Tensor] = {}  # Qᵀb per (layer, compute dtype), made once per `step`
+        # gradient checkpointing (`set_checkpoint_units`): the unit of each layer, the layers called so far in
+        # the first step (first calls, in order) and the last layer called in each unit
+        self._attached: dict[str, nn.Module] = {}  # the modules of the current attach, by layer name
+        self._unit_of: dict[str, int] = {}
+        self._first_calls: dict[str, None] | None = None
+        self._keep_outputs: frozenset[str] = frozenset()
 
     @classmethod
     def from_weights(cls, weights: Mapping[str, torch.Tensor], ranks: Mapping[str, int], init: str = DEFAULT_INIT,
@@ -470,6 +490,31 @@ class ParaNetwork(nn.Module):
             yield self._q
         finally:
             self._q = None
+            self._qtb.clear()
+            if self._first_calls is not None:
+                last = {self._unit_of[n]: n for n in self._first_calls if n in self._unit_of}
+                self._keep_outputs, self._first_calls = frozenset(last.values()), None
+
+    def set_checkpoint_units(self, units: Iterable[nn.Module]) -> None:
+        """Tell the network the modules gradient checkpointing recomputes as units (`train.enable_checkpointing`
+        does), so that the *last* PaRa layer called inside each unit keeps its output y on its autograd node.
+        Membership is by module identity among the modules of the current `attach` (or bypass hooks); an
+        empty list turns it off.
+
+        Why: output space needs y in backward (dL/dQ = -s(y aᵀ + ...)). Checkpointing recomputes a unit's
+        forward in backward only as far as its last saved tensor, so a frozen unit stops before its last layer
+        (nothing after it saves anything: a residual add), while a PaRa last layer that saves y through
+        checkpointing's hooks makes it run that layer - a full conv or GEMM, and its weight cast - again, per
+        unit and step. Keeping that one y instead costs y's memory; it is done only where y has at most
+        1/`KEEP_OUTPUT_WEIGHT_RATIO` of the layer's weight elements, which bounds the memory kept by a fraction
+        of the weights of one layer per unit (at 1024 px: SDXL's deep convs, not Flux's 4096-token outputs).
+        Which layer is last is what the first training `step` calls last in each unit; from the second step on
+        it keeps its y. Measured: tiny SDXL, `all`, bf16, 64 px - 12 fewer convs per step (benchmarks/README.md).
+        """
+        index = {id(m): n for n, m in self._attached.items()}
+        self._unit_of = {index[id(m)]: i for i, unit in enumerate(units) for m in unit.modules() if id(m) in index}
+        self._first_calls = {} if self._unit_of else None
+        self._keep_outputs = frozenset()
 
     def check(self) -> None:
         """Raise ParaRankError naming the first layer whose B was rank deficient or not finite at any
@@ -488,8 +533,17 @@ class ParaNetwork(nn.Module):
         b = self._biases.get(bkey, _MISSING)
         if b is _MISSING:
             b = self._biases[bkey] = projection_bias(bias_of(module, x), y, cd)
-        q = self._q[name] if self._q is not None else self.layer(name).basis()
-        return _project(y, q, b, channel_dim, 1.0, cd)
+        if self._q is None:
+            return _project(y, self.layer(name).basis(), b, channel_dim, 1.0, cd)
+        q = self._q[name]
+        qtb = None
+        if b is not None:
+            qtb = self._qtb.get(bkey)
+            if qtb is None:
+                with torch.no_grad():
+                    qtb = self._qtb[bkey] = torch.mv(q.detach().to(cd).T, b)
+        keep = name in self._keep_outputs and y.numel() * KEEP_OUTPUT_WEIGHT_RATIO <= math.prod(module.weight.shape)
+        return _project(y, q, b, channel_dim, 1.0, cd, qtb, keep)
 
     def _basis(self, name: str) -> torch.Tensor:
         if self._q is not None:
@@ -582,9 +636,12 @@ class ParaNetwork(nn.Module):
             forget_probes()
             raise
 
+        self._attached = {n: modules[n] for n in self.names}
+
         def detach() -> None:
             undo_forwards()
             forget_probes()
+            self._attached = {}
         return detach
 
     def attach_output_hooks(self, modules: Mapping[str, nn.Module],
@@ -605,6 +662,8 @@ class ParaNetwork(nn.Module):
                 raise ParaShapeError(f"{name}: B has {self.layer(name).out_features} rows, weight is {tuple(module.weight.shape)}")
 
             def hook(mod, args, y):
+                if self._first_calls is not None and self._q is not None:
+                    self._first_calls.setdefault(name)
                 self.mode_counts["output"] += 1
                 self.layer_modes[name] = "output"
                 return self._project_output(name, mod, args[0], y, own_bias, channel_dim)
@@ -618,12 +677,14 @@ class ParaNetwork(nn.Module):
                 h.remove()
             handles.clear()
             self._biases.clear()
+            self._attached = {}
         try:
             for n in self.names:
                 handles.append(modules[n].register_forward_hook(make_hook(n, modules[n])))
         except BaseException:
             detach()
             raise
+        self._attached = {n: modules[n] for n in self.names}
         return detach
 
     def _forward(self, name: str, module: nn.Module, orig, weight_of, bias_of):
@@ -655,6 +716,8 @@ class ParaNetwork(nn.Module):
         chosen: dict[tuple, str] = {}  # this attach's final choices by input, so `_probe_key` is built once per input
 
         def forward(x, *args, **kwargs):
+            if self._first_calls is not None and self._q is not None:
+                self._first_calls.setdefault(name)
             dev = x.device.type
             key = (x.shape, x.dtype, x.device, torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None)
             mode = chosen.get(key)

@@ -274,6 +274,100 @@ def test_checkpointing_gives_the_same_gradients_and_is_undone():
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-6, atol=1e-8)
 
 
+class _CountingLinear(nn.Linear):
+    """Counts the outputs it computed: a call stopped inside F.linear (checkpointing stops its recomputation
+    when the last saved tensor is packed, before the op that saves it runs) is not counted."""
+    computed = 0
+
+    def forward(self, x):
+        y = super().forward(x)
+        self.computed += 1
+        return y
+
+
+class _Unit(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.a, self.b = _CountingLinear(width, width), _CountingLinear(width, width)
+
+    def forward(self, x):
+        return x + self.b(F.gelu(self.a(x)))
+
+
+class _Units(nn.Module):
+    """Two residual units x + b(GELU(a(x))), each one gradient checkpointing unit (depth 2)."""
+
+    def __init__(self, width=32):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.units = nn.ModuleList(_Unit(width) for _ in range(2))
+        for p in self.parameters():
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+
+    def forward(self, x):
+        for u in self.units:
+            x = u(x)
+        return x
+
+
+@pytest.mark.parametrize("tokens, kept", [(2, True), (64, False)])
+def test_checkpointing_keeps_the_last_output_of_each_unit(tokens, kept):
+    """After the first step, each unit's last PaRa layer keeps y on its node: checkpointing no longer computes
+    that layer again in backward (one output per step instead of two), and every gradient is bit-identical to
+    the run that recomputes it. With 64 tokens y (64·32) is more than 1/8 of the weight (32·32): recomputed."""
+    def run(units: bool):
+        model = _Units().double().requires_grad_(False)
+        names = [f"units.{i}.{k}" for i in range(2) for k in "ab"]
+        modules = dict(model.named_modules())
+        modules = {n: modules[n] for n in names}
+        net = ParaNetwork.from_weights({n: m.weight for n, m in modules.items()}, {n: 2 for n in names}, "random", 0, mode="output").double()
+        undo = [net.attach(modules), enable_checkpointing(checkpoint_units(model), net if units else None)]
+        x = torch.randn(tokens, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+        grads, per_step = [], []
+        for _ in range(2):
+            for m in modules.values():
+                m.computed = 0
+            with net.step():
+                model(x).square().sum().backward()
+            grads.append({n: layer.b.grad.clone() for n, layer in net.items()})
+            net.zero_grad()
+            per_step.append({n: m.computed for n, m in modules.items()})
+        kept = net._keep_outputs
+        for u in reversed(undo):
+            u()
+        assert not net._keep_outputs and not net._unit_of  # undone with the checkpointing
+        return grads, per_step, kept
+
+    (g_keep, calls_keep, last), (g_plain, calls_plain, none) = run(True), run(False)
+    assert last == {"units.0.b", "units.1.b"} and not none  # what step 1 called last in each unit
+    everything_twice = dict.fromkeys(calls_plain[0], 2)  # forward + checkpointing's recomputation
+    assert calls_plain == [everything_twice, everything_twice]
+    assert calls_keep[0] == everything_twice  # step 1 only finds out which layer is last
+    assert calls_keep[1] == ({"units.0.a": 2, "units.0.b": 1, "units.1.a": 2, "units.1.b": 1} if kept else everything_twice)
+    for step in range(2):
+        for n in g_plain[step]:
+            assert torch.equal(g_keep[step][n], g_plain[step][n]), (step, n)
+
+
+def test_foreach_optimizers_take_the_same_steps():
+    """make_optimizer's foreach=True takes the same steps as torch's per-parameter loop (bit for bit)."""
+    g = torch.Generator().manual_seed(6)
+    for name, cls in (("AdamW", torch.optim.AdamW), ("Adam", torch.optim.Adam), ("SGD", torch.optim.SGD),
+                      ("RMSprop", torch.optim.RMSprop)):
+        init = [torch.randn(7, 3, generator=g), torch.randn(5, 2, generator=g)]
+        grads = [[torch.randn(p.shape, generator=g) for p in init] for _ in range(3)]
+        ps = [[nn.Parameter(p.clone()) for p in init] for _ in range(2)]
+        opts = [make_optimizer(name, ps[0], 0.01), cls(ps[1], lr=0.01, foreach=False)]
+        for step in grads:
+            for params, opt in zip(ps, opts):
+                for p, gr in zip(params, step):
+                    p.grad = gr.clone()
+                opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(*ps)), name
+        assert not torch.equal(ps[0][0], init[0])
+
+
 def test_checkpointing_undo_keeps_an_own_forward():
     m = nn.Linear(2, 2)
     own = m.forward
