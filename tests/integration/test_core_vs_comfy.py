@@ -1,6 +1,5 @@
 """para_core against ComfyUI itself: the synthetic layouts are ComfyUI's real ones, and the command
 line's `para bake` gives the same weights as the Load PaRa node patching the original checkpoint."""
-import os
 import shutil
 
 import torch
