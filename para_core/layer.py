@@ -219,8 +219,8 @@ class _OutputProjection(torch.autograd.Function):
         dL/dQ = -s·(y aᵀ + g cᵀ - b (Σ a)ᵀ)   summed over positions ((y - b)aᵀ with the bias as a rank-1 term)
 
     Arguments: y, Q (on y's device), b (the bias as the layer added it, already in the compute dtype cd, or
-    None), Qᵀb (None to compute it here; the trainer makes it once per step and layer), s, the layout, cd,
-    keep_y. One autograd node and the fewest torch calls this takes: in a training step each call costs a
+    None), Qᵀb (`bias_coordinates`, given whenever b is; the trainer makes it once per step and layer), s,
+    the layout, cd, keep_y. One autograd node and the fewest torch calls this takes: in a training step each call costs a
     fixed ~10-20 µs on a CPU whatever its size (measured in the trainer on tiny SDXL), which at small sizes
     is the whole cost. Q, b and c (r per position) stay on the node. y goes through save_for_backward, i.e.
     through gradient checkpointing's hooks (dropped and recomputed), unless keep_y: then the node holds y
@@ -240,8 +240,6 @@ class _OutputProjection(torch.autograd.Function):
         z_full = torch.empty(y.shape, dtype=cd, device=y.device)
         try:
             qc = q if q.dtype == cd else q.to(cd)
-            if b is not None and qtb is None:
-                qtb = torch.mv(qc.T, b)
             if cols:
                 y3 = y.view(y.shape[0], y.shape[1], -1)
                 if y.dtype != cd:
@@ -348,9 +346,19 @@ def project_output(y: torch.Tensor, q: torch.Tensor, bias: torch.Tensor | None =
     return _project(y, q.to(y.device), projection_bias(bias, y, cd), channel_dim, strength, cd)
 
 
+def bias_coordinates(q: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Qᵀb in `dtype` (no gradient): the bias's coordinates in the removed subspace, the r-vector that
+    `_OutputProjection` subtracts from Qᵀy."""
+    with torch.no_grad():
+        return torch.mv(q.detach().to(dtype).T, b)
+
+
 def _project(y: torch.Tensor, q: torch.Tensor, b: torch.Tensor | None, channel_dim: int, strength: float,
              cd: torch.dtype, qtb: torch.Tensor | None = None, keep_y: bool = False) -> torch.Tensor:
-    """`project_output` with b already from `projection_bias` and Q on y's device: the layout dispatch."""
+    """`project_output` with b already from `projection_bias` and Q on y's device: the layout dispatch.
+    qtb: `bias_coordinates` if already made (made here otherwise)."""
+    if b is not None and qtb is None:
+        qtb = bias_coordinates(q, b, cd)
     if channel_dim == 1 and y.ndim >= 3 and y.is_contiguous():
         return _OutputProjection.apply(y, q, b, qtb, strength, True, cd, keep_y)
     if channel_dim not in (-1, y.ndim - 1):
@@ -540,8 +548,7 @@ class ParaNetwork(nn.Module):
         if b is not None:
             qtb = self._qtb.get(bkey)
             if qtb is None:
-                with torch.no_grad():
-                    qtb = self._qtb[bkey] = torch.mv(q.detach().to(cd).T, b)
+                qtb = self._qtb[bkey] = bias_coordinates(q, b, cd)
         keep = name in self._keep_outputs and y.numel() * KEEP_OUTPUT_WEIGHT_RATIO <= math.prod(module.weight.shape)
         return _project(y, q, b, channel_dim, 1.0, cd, qtb, keep)
 
