@@ -220,9 +220,9 @@ class _OutputProjection(torch.autograd.Function):
 
     Arguments: y, Q (on y's device), b (the bias as the layer added it, already in the compute dtype cd, or
     None), Qᵀb (`bias_coordinates`, given whenever b is; the trainer makes it once per step and layer), s,
-    the layout, cd, keep_y. One autograd node and the fewest torch calls this takes: in a training step each call costs a
-    fixed ~10-20 µs on a CPU whatever its size (measured in the trainer on tiny SDXL), which at small sizes
-    is the whole cost. Q, b and c (r per position) stay on the node. y goes through save_for_backward, i.e.
+    the layout, cd, keep_y. One autograd node and the fewest torch calls this takes: in a training step each
+    call costs a fixed ~10-20 µs on a CPU whatever its size (measured in the trainer on tiny SDXL), which at
+    small sizes is the whole cost. Q, b and c (r per position) stay on the node. y goes through save_for_backward, i.e.
     through gradient checkpointing's hooks (dropped and recomputed), unless keep_y: then the node holds y
     itself, so that checkpointing need not run the layer again in backward to get it back (see
     `ParaNetwork.set_checkpoint_units`). Autocast is switched off inside (cd is chosen by
@@ -503,6 +503,11 @@ class ParaNetwork(nn.Module):
                 last = {self._unit_of[n]: n for n in self._first_calls if n in self._unit_of}
                 self._keep_outputs, self._first_calls = frozenset(last.values()), None
 
+    def _note_call(self, name: str) -> None:
+        """Record a layer's first call in the first training step (`set_checkpoint_units`)."""
+        if self._first_calls is not None and self._q is not None:
+            self._first_calls.setdefault(name)
+
     def set_checkpoint_units(self, units: Iterable[nn.Module]) -> None:
         """Tell the network the modules gradient checkpointing recomputes as units (`train.enable_checkpointing`
         does), so that the *last* PaRa layer called inside each unit keeps its output y on its autograd node.
@@ -669,8 +674,7 @@ class ParaNetwork(nn.Module):
                 raise ParaShapeError(f"{name}: B has {self.layer(name).out_features} rows, weight is {tuple(module.weight.shape)}")
 
             def hook(mod, args, y):
-                if self._first_calls is not None and self._q is not None:
-                    self._first_calls.setdefault(name)
+                self._note_call(name)
                 self.mode_counts["output"] += 1
                 self.layer_modes[name] = "output"
                 return self._project_output(name, mod, args[0], y, own_bias, channel_dim)
@@ -723,8 +727,7 @@ class ParaNetwork(nn.Module):
         chosen: dict[tuple, str] = {}  # this attach's final choices by input, so `_probe_key` is built once per input
 
         def forward(x, *args, **kwargs):
-            if self._first_calls is not None and self._q is not None:
-                self._first_calls.setdefault(name)
+            self._note_call(name)
             dev = x.device.type
             key = (x.shape, x.dtype, x.device, torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None)
             mode = chosen.get(key)
