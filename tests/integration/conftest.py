@@ -52,7 +52,10 @@ Test-only input nodes (input_nodes.py, registered by the harness when ComfyUI st
 """
 from __future__ import annotations
 
+import gc
 import os
+import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -85,6 +88,25 @@ if _reason:
 @pytest.fixture(scope="session")
 def comfy(tmp_path_factory) -> ComfyHarness:
     return ComfyHarness(_root, str(tmp_path_factory.mktemp("comfy")))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _free_comfy_models_at_session_end() -> Iterator[None]:
+    """Free ComfyUI's models while its modules still exist. A ModelPatcher left for interpreter exit runs its
+    __del__ after the module globals it reads are gone (ComfyUI 0.8.0 then prints an ignored AttributeError per
+    patcher), which would bury a real error at exit among noise."""
+    yield
+    mm = sys.modules.get("comfy.model_management")
+    if mm is None:
+        return
+    # the test modules' caches of built models; `graphs` is benchmarks/study's (test_study_quality imports it)
+    for name, clear in (("input_nodes", lambda m: m.clear_built()), ("families", lambda m: m.clear_built()),
+                        ("graphs", lambda m: getattr(m, "OBJECTS", {}).clear())):
+        if name in sys.modules:
+            clear(sys.modules[name])
+    gc.collect()  # the `comfy` fixture's harness (its executors' caches) is gone by now
+    getattr(mm, "unload_all_models", lambda: None)()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

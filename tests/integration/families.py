@@ -321,6 +321,11 @@ def build(key: str):
     return _BUILT[key].clone()
 
 
+def clear_built() -> None:
+    """Drop the built models (at the end of the session: conftest.py)."""
+    _BUILT.clear()
+
+
 def conditioning(key: str, seed: int = 1, n: int = 1) -> list:
     """A CONDITIONING value for `key`: n entries [(1, tokens, dim), {extras}] with fixed random tensors."""
     fam = FAMILIES[key]

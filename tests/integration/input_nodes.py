@@ -21,6 +21,12 @@ SD15: dict = {}
 _BUILT: dict = {}
 
 
+def clear_built() -> None:
+    """Drop the models these nodes hold (at the end of the session: conftest.py)."""
+    SD15.clear()
+    _BUILT.clear()
+
+
 def _sd15(what: str, node: str):
     if what not in SD15:
         raise RuntimeError(f"{node} returns the {what} of the tiny SD1.5 checkpoint, which the `sd15` fixture "
