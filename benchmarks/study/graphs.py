@@ -19,6 +19,12 @@ if INTEGRATION not in sys.path:
 
 OBJECTS: dict = {}   # key -> MODEL / CLIP / LATENT handed to graphs by the input nodes below
 
+
+def clear_built() -> None:
+    """Drop the objects held for the input nodes (the test suite does at the end of its session)."""
+    OBJECTS.clear()
+
+
 KEEP_OUTPUT_CONV = r"^diffusion_model\.out\."
 SAMPLER = dict(steps=20, cfg=4.0, sampler_name="euler", scheduler="normal", denoise=1.0)
 

@@ -99,11 +99,9 @@ def _free_comfy_models_at_session_end() -> Iterator[None]:
     mm = sys.modules.get("comfy.model_management")
     if mm is None:
         return
-    # the test modules' caches of built models; `graphs` is benchmarks/study's (test_study_quality imports it)
-    for name, clear in (("input_nodes", lambda m: m.clear_built()), ("families", lambda m: m.clear_built()),
-                        ("graphs", lambda m: getattr(m, "OBJECTS", {}).clear())):
-        if name in sys.modules:
-            clear(sys.modules[name])
+    # the caches of built models: the test modules' and benchmarks/study's `graphs` (test_study_quality imports it)
+    for name in ("input_nodes", "families", "graphs"):
+        getattr(sys.modules.get(name), "clear_built", lambda: None)()
     gc.collect()  # the `comfy` fixture's harness (its executors' caches) is gone by now
     getattr(mm, "unload_all_models", lambda: None)()
     gc.collect()
