@@ -18,6 +18,7 @@ from ..para_core.lora import combine_factors
 from .bypass import add_bypass, entries_from_patches, unavailable_reason
 from .core_lora import base_weights, read_lora
 from .keys import Resolution, block_multipliers, key_name, split_target, target_rows
+from .model_caches import fresh_caches_per_sampling
 from .ui_text import describe
 from .weight_adapter import FactorAdapter, ParaAdapter
 
@@ -70,6 +71,7 @@ def apply_para(para: ParaModel, model, clip, strength_model: float, strength_cli
             added += n
         counts[side] = added
         if side == "model":
+            fresh_caches_per_sampling(clone)
             new_model = clone
         else:
             new_clip = clone
@@ -120,6 +122,7 @@ def apply_para_lora(para: ParaModel, lora_sd: dict[str, torch.Tensor], lora_sour
         added = clone.add_patches(patches, 1.0)
         counts[side] = len(added)
         if side == "model":
+            fresh_caches_per_sampling(clone)
             new_model = clone
         else:
             new_clip = clone

@@ -14,8 +14,8 @@ them and ComfyUI's model:
 * ComfyUI's conditioning in training form (`own_conds`, `batch_conds`).
 
 Why a run needs compat patches at all (`training_compat`: ComfyUI's inference-oriented model code made
-differentiable for the duration of a run). ComfyUI's diffusion models are written for sampling, and two things in them break ``backward()``
-(measured on ComfyUI 0.8.0 with tiny instances of 19 families, see tests/integration/test_families.py):
+differentiable for the duration of a run). ComfyUI's diffusion models are written for sampling, and four things
+in them break ``backward()`` (measured with tiny instances of every family, tests/integration/test_families.py):
 
 1. **RoPE through comfy_kitchen.** ``comfy/ldm/flux/math.py`` binds ``apply_rope``/``apply_rope1`` to
    ``comfy_kitchen``'s custom ops (``torch.ops.comfy_kitchen.apply_rope*``), which have no autograd formula
@@ -51,6 +51,12 @@ differentiable for the duration of a run). ComfyUI's diffusion models are writte
    training, that module's ``torch`` is a shim whose ``add`` leaves out ``out=`` when autograd records the op
    (same values; the block returns the sum, only the overwrite of its input is skipped).
 
+4. **Caches across calls** (HiDream-O1's text K/V, ``nodes/model_caches.py``). In training every step has other
+   weights: a cache made by the previous step's forward still holds that step's graph, so the second
+   ``backward()`` fails ("Trying to backward through the graph a second time"); one made by sampling before
+   training holds K/V of other weights, which the trainer would silently train against. Fix: while training,
+   the cache is cleared before and after each forward of the diffusion model, and on entry and exit.
+
 Everything is undone on exit, also on exceptions: module bindings and forwards are restored to the exact
 objects they were, and the hook is popped, so sampling in the same process afterwards is bit-identical to a
 process that never trained (asserted in tests/integration/test_families.py).
@@ -74,6 +80,7 @@ import comfy.ops
 from ..para_core.families import FAMILIES, family_of
 from ..para_core.forward_patch import wrap_forwards
 from ..para_core.train import prediction_residual, prediction_scale
+from .model_caches import cleared_around, cross_call_cache_clearer
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +219,22 @@ class _SnapshotSaves:
         return False
 
 
+# ---- 4. caches across calls: none survives a forward while training ------------------------------------
+def _fresh_caches_per_forward(dm: torch.nn.Module) -> Callable[[], None]:
+    """Clear dm's cross-call caches now, before and after each of its forwards, and on undo (part 4 of the
+    module docstring). Returns the undo; a no-op for models without such caches."""
+    clear = cross_call_cache_clearer(dm)
+    if clear is None:
+        return lambda: None
+    clear()
+    unwrap = wrap_forwards([dm], lambda _m, inner: cleared_around(clear, inner))
+
+    def restore():
+        unwrap()
+        clear()
+    return restore
+
+
 def _composite_modules(root: torch.nn.Module) -> list[torch.nn.Module]:
     """Modules with children that have a forward of their own (blocks, not ModuleList/ModuleDict)."""
     return [m for m in root.modules() if next(m.children(), None) is not None
@@ -259,6 +282,7 @@ def training_compat(model) -> Iterator[None]:
     with ExitStack() as undo:
         undo.callback(_route_rope_through_autograd())
         undo.callback(_drop_out_writes_while_recording())
+        undo.callback(_fresh_caches_per_forward(dm))
         if updates_saved_tensors_in_place(model):
             undo.callback(_wrap_forwards(_composite_modules(dm)))
             undo.enter_context(_SnapshotSaves())

@@ -364,8 +364,13 @@ def model_conds(patcher, key: str, x: torch.Tensor, seed: int = 1) -> dict:
 
 
 def forward(patcher, key: str, x: torch.Tensor, sigma: float = 0.5) -> torch.Tensor:
-    """One denoiser evaluation (apply_model) of the model as it is now, at σ, on x (already process_latent_in)."""
+    """One denoiser evaluation (apply_model) of the model as it is now, at σ, on x (already process_latent_in).
+    Evaluated cold: a model that caches across calls (HiDream-O1's text K/V, `clear_kv_cache`) drops its cache
+    first, so the result is a function of the weights, not of which calls came before."""
     base = patcher.model
+    clear = getattr(base.diffusion_model, "clear_kv_cache", None)
+    if callable(clear):
+        clear()
     kw = model_conds(patcher, key, x)
     s = torch.full((x.shape[0],), float(base.model_sampling.percent_to_sigma(sigma)))
     with torch.no_grad():
