@@ -10,9 +10,11 @@ reaches the image tokens. (ComfyUI's own LoRA loader has the same problem; it is
 does not change the host.)
 
 The pack clears the cache where its weights come and go: `fresh_caches_per_sampling` around each sampling run
-of a model it patched (Load / Apply PaRa, PaRa + LoRA), and `nodes/train_host.py` around every forward while
-training, where each step has other weights and a cached K/V would also still hold the previous step's graph.
-Feature-detected by the model's own method; a model without one is left alone.
+of a model it patched (Load / Apply PaRa, PaRa + LoRA); `fresh_caches_per_call` around each model call of a
+sampling run with a PaRa hook, where the weights change between calls (keyframes, hooked and plain
+conditionings on the same prompt); and `nodes/train_host.py` around every forward while training, where each
+step has other weights and a cached K/V would also still hold the previous step's graph. Feature-detected by
+the model's own method; a model without one is left alone.
 """
 from __future__ import annotations
 
@@ -44,6 +46,13 @@ def cleared_around(clear: Callable[[], None], call: Callable) -> Callable:
     return run
 
 
+def _cleared_wrapper(clear: Callable[[], None]) -> Callable:
+    """A ComfyUI wrapper (``wrapper(executor, *args, **kwargs)``) that runs the wrapped call cleared around."""
+    def wrapper(executor, *args, **kwargs):
+        return cleared_around(clear, executor)(*args, **kwargs)
+    return wrapper
+
+
 def fresh_caches_per_sampling(patcher) -> None:
     """Make each sampling run of ModelPatcher `patcher` (and of its later clones) start and end with an empty
     cross-call cache: nothing computed with other weights is used, and nothing computed with these weights
@@ -56,7 +65,19 @@ def fresh_caches_per_sampling(patcher) -> None:
     kind = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
     if _WRAPPER_KEY in patcher.wrappers.get(kind, {}):
         return
+    patcher.add_wrapper_with_key(kind, _WRAPPER_KEY, _cleared_wrapper(clear))
 
-    def around_sampling(executor, *args, **kwargs):
-        return cleared_around(clear, executor)(*args, **kwargs)
-    patcher.add_wrapper_with_key(kind, _WRAPPER_KEY, around_sampling)
+
+def fresh_caches_per_call(patcher, model_options: dict) -> None:
+    """Make each diffusion-model call of one sampling run (`model_options`: that run's, as a hook's
+    ``add_hook_patches`` gets them) start and end with an empty cross-call cache: with hooks the weights can
+    change between any two calls. One DIFFUSION_MODEL wrapper under the pack's key, for this run only."""
+    clear = cross_call_cache_clearer(patcher)
+    import comfy.patcher_extension as extension
+    if clear is None or not hasattr(extension, "add_wrapper_with_key"):
+        return
+    kind = extension.WrappersMP.DIFFUSION_MODEL
+    wrappers = model_options.get("transformer_options", {}).get("wrappers", {})
+    if _WRAPPER_KEY in wrappers.get(kind, {}):
+        return
+    extension.add_wrapper_with_key(kind, _WRAPPER_KEY, _cleared_wrapper(clear), model_options, is_model_options=True)

@@ -26,6 +26,7 @@ from ..para_core.errors import ParaError
 from . import ui_text
 from .nodes_para import _STRENGTH, CATEGORY, Para, _block_strength_in, para_line
 from .keys import TEXT_ENCODER_PREFIXES, Resolution, block_multipliers
+from .model_caches import fresh_caches_per_call
 from .patching import grouped_patches
 
 
@@ -63,6 +64,8 @@ class ParaWeightHook(comfy.hooks.WeightHook):
             raise ValueError(f"Hook PaRa ({self.para.source}): {e}") from None
         for s, patches in grouped_patches(self.para, res, side, strength, mult).items():
             model.add_hook_patches(hook=self, patches=patches, strength_patch=s)
+        if not is_clip:
+            fresh_caches_per_call(model, model_options)
         registered.add(self)
         return True
 

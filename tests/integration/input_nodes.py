@@ -89,6 +89,23 @@ class ParaTestFamilyModel(_InputNode):
         return (F.build(family),)
 
 
+class ParaTestFamilyModelColdCalls(ParaTestFamilyModel):
+    """The tiny model of a family whose every diffusion-model call starts on an empty cross-call cache (a
+    DIFFUSION_MODEL wrapper of the test's own calling the model's `clear_kv_cache`): the reference that sampling
+    through the pack's nodes must equal."""
+
+    def make(self, family):
+        import comfy.patcher_extension
+        patcher = F.build(family)
+        clear = patcher.model.diffusion_model.clear_kv_cache
+
+        def cold(executor, *args, **kwargs):
+            clear()
+            return executor(*args, **kwargs)
+        patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "para-test.cold-calls", cold)
+        return (patcher,)
+
+
 class ParaTestFamilyLatents(_InputNode):
     """n latents shaped for the family (families.latents), fixed by seed."""
 
@@ -181,7 +198,8 @@ class ParaTestSizedLatents(_InputNode):
 
 
 NODES = {cls.__name__: cls for cls in (
-    ParaTestLatents, ParaTestConditioning, ParaTestSizedLatents, ParaTestFamilyModel, ParaTestFamilyLatents, ParaTestFamilyConditioning,
+    ParaTestLatents, ParaTestConditioning, ParaTestSizedLatents, ParaTestFamilyModel, ParaTestFamilyModelColdCalls,
+    ParaTestFamilyLatents, ParaTestFamilyConditioning,
     ParaTestTinyCheckpoint, ParaTestTinyUNet, ParaTestTinyCLIP, ParaTestTinyVAE16)}
 
 

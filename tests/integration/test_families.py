@@ -14,7 +14,8 @@ Per family:
 * Gradient checkpointing computes the same losses, bit for bit, as plain backward (in-place and other
   families), and without training_compat Flux, LTX and Qwen-Image fail at backward with ComfyUI's error.
 * A model that caches across calls (HiDream-O1's text K/V): training neither uses nor leaves such a cache,
-  and sampling base and PaRa on the same prompt, one after the other, gives what each gives on an empty one.
+  and sampling base and PaRa (Load PaRa, or a PaRa Hook on the positive of the same prompt) gives what each
+  gives on an empty one.
 
 Three test-only input nodes (input_nodes.py: ParaTestFamilyModel, ...Latents, ...Conditioning) hand the tiny
 model, latents and conditioning to the graph; nothing of the pack or of ComfyUI is replaced.
@@ -301,6 +302,24 @@ def _cross_call_cache_families() -> list[str]:
     return found
 
 
+def _write_attention_para(comfy, fam, name, seed):
+    """A PaRa file on every k/v/o projection of `fam`'s transformer (text and image tokens both pass them)."""
+    shapes = _candidates(F.build(fam))
+    layers = [n for n in shapes if n.endswith(("self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"))]
+    assert layers, sorted(shapes)
+    comfy.write_para(name, {n: [_rand((shapes[n][0], 4), seed + i)] for i, n in enumerate(layers)})
+
+
+def _ksample(comfy, g, fam, model, positive, negative):
+    """KSampler (3 euler steps, cfg 2) on `fam`'s latent, the whole graph run on an empty ComfyUI cache."""
+    lat = g.node("ParaTestFamilyLatents", family=fam, n=1, seed=0).out(0)
+    ks = g.node("KSampler", model=model, positive=positive, negative=negative, latent_image=lat, seed=3, steps=3,
+                cfg=2.0, sampler_name="euler", scheduler="simple", denoise=1.0)
+    g.node("PreviewAny", source=ks.out(0))
+    comfy.run(g.finalize(), fresh_cache=True)
+    return comfy.output(ks.id, 0)["samples"].clone()
+
+
 @pytest.mark.parametrize("ckpt", [False, True])
 def test_training_neither_uses_nor_leaves_a_cross_call_cache(comfy, ckpt):
     """Train PaRa on a model that caches across calls: from a model that never ran (before the fix the second
@@ -345,10 +364,7 @@ def test_sampling_uses_no_cache_made_with_other_weights(comfy):
     gives on an empty cache. Before the fix a PaRa run after a base run reused the base K/V (the patch reached
     only the image tokens) and a base run after a PaRa run reused PaRa's."""
     for fam in _cross_call_cache_families():
-        shapes = _candidates(F.build(fam))
-        layers = [n for n in shapes if n.endswith(("self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"))]
-        assert layers, sorted(shapes)
-        comfy.write_para(f"cc_{fam}.safetensors", {n: [_rand((shapes[n][0], 4), i)] for i, n in enumerate(layers)})
+        _write_attention_para(comfy, fam, f"cc_{fam}.safetensors", 0)
         clear = F.build(fam).model.diffusion_model.clear_kv_cache
 
         def sample(with_para):
@@ -358,12 +374,7 @@ def test_sampling_uses_no_cache_made_with_other_weights(comfy):
                 model = g.node("PaRaLoader", model=model, para_name=f"cc_{fam}.safetensors", strength_model=1.0,
                                strength_clip=1.0).out(0)
             cond = g.node("ParaTestFamilyConditioning", family=fam, seed=1).out(0)
-            lat = g.node("ParaTestFamilyLatents", family=fam, n=1, seed=0).out(0)
-            ks = g.node("KSampler", model=model, positive=cond, negative=cond, latent_image=lat, seed=3, steps=3,
-                        cfg=2.0, sampler_name="euler", scheduler="simple", denoise=1.0)
-            g.node("PreviewAny", source=ks.out(0))
-            comfy.run(g.finalize(), fresh_cache=True)
-            return comfy.output(ks.id, 0)["samples"].clone()
+            return _ksample(comfy, g, fam, model, cond, cond)
 
         clear()
         base_cold = sample(False)
@@ -374,6 +385,34 @@ def test_sampling_uses_no_cache_made_with_other_weights(comfy):
         para_after_base = sample(True)  # and this base run
         assert torch.equal(base_after_para, base_cold), f"{fam}: a base run after a PaRa run"
         assert torch.equal(para_after_base, para_cold), f"{fam}: a PaRa run after a base run"
+
+
+def test_hooked_sampling_uses_no_cache_made_with_other_weights(comfy):
+    """A PaRa Hook on the positive conditioning, the same prompt as the negative: within each step the hooked
+    and the plain call run with other weights. Sampled with the pack's nodes it equals, bit for bit, the same
+    graph on a model whose every call starts on an empty cache (the test's own wrapper), and a plain run after
+    it equals one from an empty cache. Before the fix the plain call reused the hooked call's K/V."""
+    for fam in _cross_call_cache_families():
+        _write_attention_para(comfy, fam, f"cch_{fam}.safetensors", 10)
+
+        def sample(model_node, hooked):
+            g = comfy.graph(f"cch_{fam}_{model_node}_{hooked}.")
+            model = g.node(model_node, family=fam).out(0)
+            cond = g.node("ParaTestFamilyConditioning", family=fam, seed=1).out(0)
+            positive = cond
+            if hooked:
+                lf = g.node("PaRaLoadFile", para_name=f"cch_{fam}.safetensors")
+                hk = g.node("PaRaHook", para=lf.out(0), strength_model=1.0, strength_clip=1.0)
+                positive = g.node("ConditioningSetProperties", cond_NEW=cond, strength=1.0, set_cond_area="default",
+                                  hooks=hk.out(0)).out(0)
+            return _ksample(comfy, g, fam, model, positive, cond)
+
+        F.build(fam).model.diffusion_model.clear_kv_cache()
+        plain = sample("ParaTestFamilyModel", False)  # ComfyUI's own run from an empty cache
+        reference = sample("ParaTestFamilyModelColdCalls", True)
+        assert not torch.equal(plain, reference), fam
+        assert torch.equal(sample("ParaTestFamilyModel", True), reference), f"{fam}: hooked sampling"
+        assert torch.equal(sample("ParaTestFamilyModel", False), plain), f"{fam}: plain sampling after hooked"
 
 
 @pytest.mark.parametrize("fam", ["flux_dev", "hunyuan_video", "ltxv", "qwen_image", "wan21", "sd35"])
